@@ -1,0 +1,1 @@
+"""ONNX triage: model cards, preprocessing, inference sessions (AI triage issue)."""

@@ -1,0 +1,1 @@
+"""HL7 v2 over MLLP: sans-IO framing, MSH reading, decoding and original-mode ACKs."""

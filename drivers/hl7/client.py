@@ -1,0 +1,65 @@
+"""A minimal MLLP client: one connection, one request at a time, the reply frame back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+from drivers.hl7.mllp import FrameReceived, MllpFramer, frame
+
+READ_SIZE = 64 * 1024
+
+
+class MllpClient:
+    def __init__(self, host: str, port: int, *, connect_timeout_s: float = 10.0) -> None:
+        self.host, self.port = host, port
+        self.connect_timeout_s = connect_timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._framer = MllpFramer()
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def connect(self) -> None:
+        """Open the connection if it is not open (raises OSError or TimeoutError)."""
+        if self.connected:
+            return
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), self.connect_timeout_s
+        )
+        self._reader, self._writer = reader, writer
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._framer = MllpFramer()
+
+    async def request(self, message: bytes, timeout_s: float) -> bytes:
+        """Send one framed message and return the content of the next frame received.
+
+        Raises TimeoutError, OSError, or EOFError if the peer closes first; the
+        caller should :meth:`close` after any of them (the stream may be out of step).
+        """
+        await self.connect()
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(frame(message))
+        await self._writer.drain()
+        return await asyncio.wait_for(self._read_frame(self._reader), timeout_s)
+
+    async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                raise EOFError("connection closed before a reply")
+            for event in self._framer.feed(data):
+                if isinstance(event, FrameReceived):
+                    return event.data
+
+    async def close(self) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()

@@ -1,0 +1,367 @@
+"""Configuration: YAML loaded into frozen, typed models, every error with its path and line.
+
+Listener and destination sections are validated by the model their ``type:``
+registered (:mod:`gateway.registry`); the rest of the file by the models here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+from gateway.registry import Kind, Registry
+
+Loc = tuple[str | int, ...]
+
+
+class Endpoint(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoint(value: object) -> Endpoint:
+    """``host:port`` (``[v6]:port`` for IPv6) -> Endpoint; the messages name the fault."""
+    if isinstance(value, Endpoint):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected 'host:port'")  # noqa: TRY004 - pydantic wants ValueError
+    text = value.strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"unbalanced brackets in {value!r}")
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif ":" in host:
+        raise ValueError(f"write IPv6 addresses as '[addr]:port', got {value!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port must be a number 1..65535, got {port_text!r}") from None
+    if not 1 <= port <= 65535:
+        raise ValueError("port must be 1..65535")
+    return Endpoint(host, port)
+
+
+EndpointField = Annotated[Endpoint, BeforeValidator(parse_endpoint)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Site(Frozen):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = ""
+
+
+class Http(Frozen):
+    listen: EndpointField | None = Endpoint("127.0.0.1", 9110)
+
+
+class JournalSettings(Frozen):
+    inline_max_bytes: int = Field(default=256 * 1024, ge=0)
+    min_free_mb: int = Field(default=512, ge=0)
+
+
+class Logging(Frozen):
+    level: str = "INFO"
+    format: str = Field(default="text", pattern="^(text|json)$")
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("level must be DEBUG, INFO, WARNING or ERROR")
+        return v
+
+
+class Backoff(Frozen):
+    initial_s: float = Field(default=1.0, gt=0)
+    max_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Backoff:
+        if self.max_s < self.initial_s:
+            raise ValueError("max_s must be >= initial_s")
+        return self
+
+
+class Breaker(Frozen):
+    failures: int = Field(default=5, ge=1)
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
+class DeliveryPolicy(Frozen):
+    """How one destination is fed (ARCHITECTURE.md, "Delivery").
+
+    ``max_attempts: null`` (the default) never gives up on clinical data: it retries
+    with the capped delay for ever, and reports the delivery as stuck after
+    ``surface_after`` attempts.
+    """
+
+    workers: int = Field(default=1, ge=1, le=64)
+    ordered: bool = True
+    max_attempts: int | None = Field(default=None, ge=1)
+    surface_after: int = Field(default=5, ge=1)
+    backoff: Backoff = Backoff()
+    breaker: Breaker = Breaker()
+
+    @model_validator(mode="after")
+    def _ordered_single(self) -> DeliveryPolicy:
+        if self.ordered and self.workers != 1:
+            raise ValueError("ordered delivery needs workers: 1 (set ordered: false for more)")
+        return self
+
+
+class ListenerBase(Frozen):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    type: str
+
+
+class DestinationBase(Frozen):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    type: str
+    delivery: DeliveryPolicy = DeliveryPolicy()
+
+
+MatchValue = str | list[str]
+
+
+class Route(Frozen):
+    """``match`` keys: ``source``, ``kind`` or any envelope header; a list means any of."""
+
+    match: dict[str, MatchValue] = Field(default_factory=dict)
+    steps: list[str] = Field(default_factory=list)
+    to: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _does_something(self) -> Route:
+        if not self.to and not self.steps:
+            raise ValueError("a route needs 'to' (destinations) or 'steps'")
+        return self
+
+    def matches(self, kind: str, source: str, headers: Mapping[str, str]) -> bool:
+        for key, want in self.match.items():
+            have = kind if key == "kind" else source if key == "source" else headers.get(key)
+            if have is None:
+                return False
+            if have != want if isinstance(want, str) else have not in want:
+                return False
+        return True
+
+
+class GatewayConfig(Frozen):
+    site: Site
+    state_dir: Path = Path("./var")
+    http: Http = Http()
+    journal: JournalSettings = JournalSettings()
+    logging: Logging = Logging()
+    listeners: tuple[Any, ...] = ()
+    destinations: tuple[Any, ...] = ()
+    routes: tuple[Route, ...] = ()
+    source_file: str = ""
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node, path: Loc, lines: dict[Loc, int], problems: list[str]) -> None:
+    """Record the 1-based line of every path in the document; flag duplicate keys."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                problems.append(f"{format_loc((*path, key))}: duplicate key (line {line})")
+            seen.add(key)
+            _line_map(value_node, (*path, key), lines, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_map(item, (*path, i), lines, problems)
+
+
+def format_loc(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _line_of(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def _problem(loc: Loc, msg: str, lines: Mapping[Loc, int]) -> str:
+    line = _line_of(loc, lines)
+    where = f" (line {line})" if line else ""
+    return f"{format_loc(loc)}: {msg}{where}"
+
+
+def _pydantic_problems(err: ValidationError, prefix: Loc, lines: Mapping[Loc, int]) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = (*prefix, *e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        elif e["type"] == "missing":
+            msg = "required setting is missing"
+        out.append(_problem(loc, msg, lines))
+    return out
+
+
+def _typed_sections(
+    raw: object, section: str, kinds: Mapping[str, Kind], lines: Mapping[Loc, int]
+) -> tuple[list[Any], list[str]]:
+    if raw is None:
+        return [], []
+    if not isinstance(raw, list):
+        return [], [_problem((section,), "must be a list", lines)]
+    models, problems = [], []
+    for i, item in enumerate(raw):
+        loc: Loc = (section, i)
+        if not isinstance(item, dict):
+            problems.append(_problem(loc, "must be a mapping with 'id' and 'type'", lines))
+            continue
+        type_ = item.get("type")
+        if type_ not in kinds:
+            known = ", ".join(sorted(kinds)) or "none installed"
+            problems.append(
+                _problem((*loc, "type"), f"unknown type {type_!r} (known: {known})", lines)
+            )
+            continue
+        try:
+            models.append(kinds[str(type_)].model.model_validate(item))
+        except ValidationError as err:
+            problems.extend(_pydantic_problems(err, loc, lines))
+    return models, problems
+
+
+def _cross_check(cfg: GatewayConfig, lines: Mapping[Loc, int]) -> list[str]:
+    problems = []
+    for section, items in (("listeners", cfg.listeners), ("destinations", cfg.destinations)):
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if item.id in seen:
+                problems.append(
+                    _problem(
+                        (section, i, "id"),
+                        f"duplicate id {item.id!r} (also {section}[{seen[item.id]}])",
+                        lines,
+                    )
+                )
+            seen[item.id] = i
+    listener_ids = {x.id for x in cfg.listeners}
+    dest_ids = {x.id for x in cfg.destinations}
+    for r, route in enumerate(cfg.routes):
+        for j, dest in enumerate(route.to):
+            if dest not in dest_ids:
+                known = ", ".join(sorted(dest_ids)) or "none"
+                problems.append(
+                    _problem(
+                        ("routes", r, "to", j),
+                        f"unknown destination {dest!r} (known: {known})",
+                        lines,
+                    )
+                )
+        sources = route.match.get("source")
+        for src in [sources] if isinstance(sources, str) else sources or []:
+            if src not in listener_ids:
+                known = ", ".join(sorted(listener_ids)) or "none"
+                problems.append(
+                    _problem(
+                        ("routes", r, "match", "source"),
+                        f"unknown listener {src!r} (known: {known})",
+                        lines,
+                    )
+                )
+        for j, step in enumerate(route.steps):
+            problems.append(_problem(("routes", r, "steps", j), f"unknown step {step!r}", lines))
+    return problems
+
+
+def load_config(path: str | Path, registry: Registry) -> GatewayConfig:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([f"{path}: cannot read: {err}"]) from err
+    return parse_config(text, registry, source=str(path))
+
+
+def parse_config(text: str, registry: Registry, source: str = "<string>") -> GatewayConfig:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"{source}: {where}{problem}"]) from err
+    lines: dict[Loc, int] = {}
+    problems: list[str] = []
+    if node is not None:
+        _line_map(node, (), lines, problems)
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: the file must be a YAML mapping (site:, listeners:, ...)"])
+
+    listeners, p1 = _typed_sections(raw.get("listeners"), "listeners", registry.listeners, lines)
+    destinations, p2 = _typed_sections(
+        raw.get("destinations"), "destinations", registry.destinations, lines
+    )
+    problems += p1 + p2
+    rest = {k: v for k, v in raw.items() if k not in ("listeners", "destinations")}
+    try:
+        cfg = GatewayConfig.model_validate(
+            {
+                **rest,
+                "listeners": tuple(listeners),
+                "destinations": tuple(destinations),
+                "source_file": source,
+            }
+        )
+    except ValidationError as err:
+        problems += _pydantic_problems(err, (), lines)
+        raise ConfigError(problems) from err
+    problems += _cross_check(cfg, lines)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def summary(cfg: GatewayConfig) -> str:
+    return (
+        f"OK: site {cfg.site.id}: {len(cfg.listeners)} listener(s), "
+        f"{len(cfg.destinations)} destination(s), {len(cfg.routes)} route(s), "
+        f"state in {cfg.state_dir}"
+    )

@@ -1,0 +1,62 @@
+"""The small contracts between the core and protocol plugins.
+
+A *listener* receives from devices and hands each message to an :class:`Intake`;
+a *destination* makes :class:`Sender` objects, one per delivery worker, that
+deliver a stored envelope and return only once the peer confirmed it.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.envelope import Envelope, StoredEnvelope
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What :meth:`Intake.accept` returns once the envelope is durable.
+
+    ``duplicate_of`` is set when the same idempotency key with identical bytes
+    was already journaled: nothing new was written, the sender may be ACKed.
+    """
+
+    id: str
+    duplicate_of: str | None = None
+
+
+class Intake(Protocol):
+    """How listeners hand messages to the core (implemented by the service)."""
+
+    async def accept(self, envelope: Envelope) -> Accepted:
+        """Journal durably and route; returns only after the commit (raises JournalError)."""
+        ...
+
+    async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
+        """Keep bad input for a human to look at; returns the quarantine row id."""
+        ...
+
+
+class Listener(AbstractAsyncContextManager["Listener"], Protocol):
+    """Entering starts serving (bound when ``__aenter__`` returns); exiting stops
+    accepting new work, lets in-flight messages finish, and closes."""
+
+    id: str
+
+
+class Sender(Protocol):
+    """Delivers envelopes to one destination over one connection (one per worker)."""
+
+    async def send(self, envelope: StoredEnvelope) -> str:
+        """Deliver; return a short confirmation (ACK code, status) only when the peer
+        confirmed. Raise TransientError to retry later, PermanentError to dead-letter."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Destination(Protocol):
+    id: str
+
+    def sender(self) -> Sender: ...

@@ -1,0 +1,470 @@
+"""The durable journal: SQLite (WAL, synchronous=FULL) plus a blob folder.
+
+``accept()`` returns only when the envelope and its deliveries are on disk
+(ARCHITECTURE.md, "Accept before acknowledge"). All writes go through one writer
+thread that commits whatever has queued up in one transaction, so many
+concurrent accepts share one fsync (group commit). Reads for delivery use a
+second connection on the event loop thread; WAL lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.envelope import Envelope, StoredEnvelope
+from gateway.errors import DiskFullError, JournalError
+from gateway.interfaces import Accepted
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS envelopes (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- accept order
+    id          TEXT NOT NULL UNIQUE,
+    kind        TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    received_at REAL NOT NULL,                      -- unix seconds, UTC
+    idem_key    TEXT,
+    digest      TEXT NOT NULL,                      -- sha256 of the body
+    parent_id   TEXT,
+    headers     TEXT NOT NULL,                      -- JSON object of strings
+    size        INTEGER NOT NULL,
+    body        BLOB,                               -- inline body, or NULL when in a blob file
+    blob        TEXT                                -- blob path relative to the blob folder
+);
+CREATE INDEX IF NOT EXISTS envelopes_idem ON envelopes (idem_key) WHERE idem_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq          INTEGER NOT NULL,                  -- envelopes.seq
+    destination  TEXT NOT NULL,
+    state        TEXT NOT NULL,                     -- pending | done | dead
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_at      REAL NOT NULL,
+    updated_at   REAL NOT NULL,
+    last_error   TEXT,
+    confirmation TEXT,
+    PRIMARY KEY (destination, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (destination, state, seq);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    source      TEXT NOT NULL,
+    peer        TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    reason      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    raw         BLOB NOT NULL                      -- at most QUARANTINE_KEEP bytes
+);
+"""
+
+QUARANTINE_KEEP = 1024 * 1024
+BATCH_MAX = 512
+FREE_SPACE_TTL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A delivery waiting to go out, with its envelope."""
+
+    destination: str
+    attempts: int
+    next_at: float
+    envelope: StoredEnvelope
+    blob: str | None
+
+
+def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    uri = f"file:{db_path}?mode=ro" if readonly else f"file:{db_path}"
+    conn = sqlite3.connect(
+        uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0
+    )
+    conn.execute("PRAGMA busy_timeout = 10000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write to a temp file, fsync, rename into place, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+_Op = Callable[[sqlite3.Connection], Any]
+
+
+class _Writer(threading.Thread):
+    """Runs queued write operations in shared transactions (group commit)."""
+
+    def __init__(self, db_path: Path) -> None:
+        super().__init__(name="journal-writer", daemon=True)
+        self._conn = connect(db_path)
+        self._queue: queue.SimpleQueue[
+            tuple[_Op, asyncio.Future[Any] | None, asyncio.AbstractEventLoop | None] | None
+        ] = queue.SimpleQueue()
+        self.commits = 0
+
+    def submit(self, op: _Op, loop: asyncio.AbstractEventLoop | None) -> asyncio.Future[Any] | None:
+        fut = loop.create_future() if loop else None
+        self._queue.put((op, fut, loop))
+        return fut
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self.join()
+        self._conn.close()
+
+    def run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < BATCH_MAX:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(
+        self, batch: list[tuple[_Op, asyncio.Future[Any] | None, asyncio.AbstractEventLoop | None]]
+    ) -> None:
+        conn = self._conn
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as err:  # noqa: BLE001 - reported to that op's caller
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, err))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as err:
+            log.exception("journal.commit_failed ops=%d", len(batch))
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            failure = JournalError(f"journal commit failed: {err}")
+            results = [(False, failure)] * len(batch)
+        for (_, fut, loop), (ok, value) in zip(batch, results, strict=True):
+            if fut is not None and loop is not None:
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    elif isinstance(value, JournalError):
+        fut.set_exception(value)
+    else:
+        fut.set_exception(JournalError(f"journal write failed: {value!r}"))
+
+
+def _ts(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+class Journal:
+    """Envelopes, their per-destination deliveries, and quarantined input."""
+
+    def __init__(
+        self, state_dir: Path, *, inline_max_bytes: int = 256 * 1024, min_free_mb: int = 0
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.db_path = self.state_dir / "journal.sqlite"
+        self.blob_dir = self.state_dir / "blobs"
+        self.inline_max = inline_max_bytes
+        self.min_free = min_free_mb * 1024 * 1024
+        self._writer: _Writer | None = None
+        self._read: sqlite3.Connection | None = None
+        self._free_checked = (0.0, True)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def open(self) -> Journal:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.blob_dir.mkdir(exist_ok=True)
+        for tmp in self.blob_dir.rglob("*.tmp"):  # a crash mid-write leaves these; never acked
+            tmp.unlink()
+        conn = connect(self.db_path)
+        try:
+            conn.executescript(SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        finally:
+            conn.close()
+        self._writer = _Writer(self.db_path)
+        self._writer.start()
+        self._read = connect(self.db_path)
+        return self
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
+        if self._read is not None:
+            self._read.close()
+            self._read = None
+
+    async def __aenter__(self) -> Journal:
+        return self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._writer is not None and self._writer.is_alive()
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits if self._writer else 0
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        if self._read is None:
+            raise JournalError("journal is not open")
+        return self._read
+
+    def _submit(self, op: _Op) -> asyncio.Future[Any]:
+        if self._writer is None:
+            raise JournalError("journal is not open")
+        fut = self._writer.submit(op, asyncio.get_running_loop())
+        assert fut is not None
+        return fut
+
+    def _check_free_space(self) -> None:
+        if not self.min_free:
+            return
+        now = time.monotonic()
+        checked_at, ok = self._free_checked
+        if now - checked_at > FREE_SPACE_TTL_S:
+            ok = shutil.disk_usage(self.state_dir).free >= self.min_free
+            self._free_checked = (now, ok)
+        if not ok:
+            raise DiskFullError(f"free space in {self.state_dir} is below {self.min_free >> 20} MB")
+
+    # -- accept -------------------------------------------------------------------------
+
+    async def accept(self, env: Envelope, destinations: list[str]) -> Accepted:
+        """Make ``env`` durable with one pending delivery per destination.
+
+        If an envelope with the same idempotency key and identical bytes is already
+        journaled, nothing is written and its id is returned as ``duplicate_of``.
+        """
+        self._check_free_space()
+        digest = hashlib.sha256(env.body).hexdigest()
+        blob = None
+        if len(env.body) > self.inline_max:
+            blob = f"{env.id[:4]}/{env.id}"
+            try:
+                await asyncio.to_thread(self._write_blob, blob, env.body)
+            except OSError as err:
+                raise JournalError(f"cannot write blob: {err}") from err
+        headers = json.dumps(env.headers, separators=(",", ":"), ensure_ascii=False)
+        row = (
+            env.id,
+            env.kind,
+            env.source,
+            env.received_at.timestamp(),
+            env.idem_key,
+            digest,
+            env.parent_id,
+            headers,
+            len(env.body),
+            None if blob else env.body,
+            blob,
+        )
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> Accepted:
+            if env.idem_key is not None:
+                dup = conn.execute(
+                    "SELECT id FROM envelopes WHERE idem_key = ? AND digest = ? LIMIT 1",
+                    (env.idem_key, digest),
+                ).fetchone()
+                if dup:
+                    return Accepted(env.id, duplicate_of=dup[0])
+            cur = conn.execute(
+                "INSERT INTO envelopes (id, kind, source, received_at, idem_key, digest, "
+                "parent_id, headers, size, body, blob) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+            seq = cur.lastrowid
+            conn.executemany(
+                "INSERT INTO deliveries (seq, destination, state, next_at, updated_at) "
+                "VALUES (?, ?, 'pending', ?, ?)",
+                [(seq, d, now, now) for d in destinations],
+            )
+            return Accepted(env.id)
+
+        accepted: Accepted = await self._submit(op)
+        if accepted.duplicate_of and blob:
+            with contextlib.suppress(OSError):
+                (self.blob_dir / blob).unlink()
+        return accepted
+
+    def _write_blob(self, rel: str, data: bytes) -> None:
+        path = self.blob_dir / rel
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.blob_dir)
+        write_durably(path, data)
+
+    async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
+        kept = raw[:QUARANTINE_KEEP]
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO quarantine (source, peer, received_at, reason, size, raw) "
+                "VALUES (?,?,?,?,?,?)",
+                (source, peer, now, reason, len(raw), kept),
+            )
+            return int(cur.lastrowid or 0)
+
+        result: int = await self._submit(op)
+        return result
+
+    # -- delivery side ------------------------------------------------------------------
+
+    def pending(
+        self, destination: str, *, limit: int, after_seq: int = 0, due_before: float | None = None
+    ) -> list[Pending]:
+        """Pending deliveries in accept order (bodies of blob envelopes not loaded)."""
+        sql = (
+            "SELECT d.destination, d.attempts, d.next_at, e.seq, e.id, e.kind, e.source, "
+            "e.received_at, e.idem_key, e.parent_id, e.headers, e.body, e.blob "
+            "FROM deliveries d JOIN envelopes e ON e.seq = d.seq "
+            "WHERE d.destination = ? AND d.state = 'pending' AND d.seq > ?"
+        )
+        args: list[Any] = [destination, after_seq]
+        if due_before is not None:
+            sql += " AND d.next_at <= ?"
+            args.append(due_before)
+        sql += " ORDER BY d.seq LIMIT ?"
+        args.append(limit)
+        out = []
+        for r in self.reader.execute(sql, args):
+            env = StoredEnvelope(
+                id=r[4],
+                seq=r[3],
+                kind=r[5],
+                source=r[6],
+                received_at=_ts(r[7]),
+                idem_key=r[8],
+                parent_id=r[9],
+                headers=json.loads(r[10]),
+                body=r[11] or b"",
+            )
+            out.append(Pending(r[0], r[1], r[2], env, r[12]))
+        return out
+
+    def next_due(self, destination: str) -> float | None:
+        row = self.reader.execute(
+            "SELECT MIN(next_at) FROM deliveries WHERE destination = ? AND state = 'pending'",
+            (destination,),
+        ).fetchone()
+        return row[0] if row else None
+
+    def read_blob(self, rel: str) -> bytes:
+        return (self.blob_dir / rel).read_bytes()
+
+    def mark_done(self, destination: str, seq: int, confirmation: str) -> asyncio.Future[Any]:
+        now = time.time()
+        return self._submit(
+            lambda c: c.execute(
+                "UPDATE deliveries SET state = 'done', attempts = attempts + 1, updated_at = ?, "
+                "confirmation = ?, last_error = NULL WHERE destination = ? AND seq = ?",
+                (now, confirmation, destination, seq),
+            )
+        )
+
+    def mark_failed(
+        self, destination: str, seq: int, *, error: str, next_at: float, dead: bool
+    ) -> asyncio.Future[Any]:
+        now = time.time()
+        state = "dead" if dead else "pending"
+        return self._submit(
+            lambda c: c.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?, "
+                "updated_at = ?, last_error = ? WHERE destination = ? AND seq = ?",
+                (state, next_at, now, error[:1000], destination, seq),
+            )
+        )
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def depth(self) -> dict[str, dict[str, int]]:
+        """Deliveries per destination and state."""
+        out: dict[str, dict[str, int]] = {}
+        for dest, state, n in self.reader.execute(
+            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY 1, 2"
+        ):
+            out.setdefault(dest, {})[state] = n
+        return out
+
+    def oldest_pending(self) -> dict[str, float]:
+        """Receive time of the oldest pending delivery per destination."""
+        return dict(
+            self.reader.execute(
+                "SELECT d.destination, MIN(e.received_at) FROM deliveries d "
+                "JOIN envelopes e ON e.seq = d.seq WHERE d.state = 'pending' GROUP BY 1"
+            )
+        )
+
+
+@contextlib.contextmanager
+def admin_connection(state_dir: Path) -> Iterator[sqlite3.Connection]:
+    """A connection for the CLI (``medgw queue``), safe beside a running gateway."""
+    db = Path(state_dir) / "journal.sqlite"
+    if not db.exists():
+        raise JournalError(f"no journal at {db}")
+    conn = connect(db)
+    try:
+        yield conn
+    finally:
+        conn.close()
