@@ -125,7 +125,8 @@ class MllpListener:
         try:
             while not self._closing:
                 try:
-                    data = await asyncio.wait_for(reader.read(READ_SIZE), self.cfg.idle_timeout_s)
+                    async with asyncio.timeout(self.cfg.idle_timeout_s):
+                        data = await reader.read(READ_SIZE)
                 except TimeoutError:
                     log.info("mllp.idle_close listener=%s peer=%s", self.id, peer)
                     break
@@ -136,7 +137,10 @@ class MllpListener:
                     continue
                 conn.busy = True
                 # several messages in one read share one journal commit; replies keep order
-                replies = await asyncio.gather(*(self._handle(ev, peer) for ev in events))
+                if len(events) == 1:
+                    replies = [await self._handle(events[0], peer)]
+                else:
+                    replies = await asyncio.gather(*(self._handle(ev, peer) for ev in events))
                 for reply in replies:
                     if reply is not None:
                         writer.write(frame(reply))
