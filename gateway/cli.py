@@ -161,6 +161,7 @@ def cmd_drivers_types(args: argparse.Namespace, registry: Registry) -> int:
     for title, kinds in (
         ("listeners", registry.listeners),
         ("destinations", registry.destinations),
+        ("steps", registry.steps),
     ):
         print(f"{title}:")
         for name, kind in sorted(kinds.items()):

@@ -148,12 +148,39 @@ class DestinationBase(Frozen):
 MatchValue = str | list[str]
 
 
-class Route(Frozen):
-    """``match`` keys: ``source``, ``kind`` or any envelope header; a list means any of."""
+class StepRef(NamedTuple):
+    """One step of a route: its registered name and its validated parameters."""
 
+    name: str
+    params: BaseModel
+
+
+def _step_ref(value: object) -> object:
+    """``name`` or ``{name: {param: value}}`` -> (name, raw params); checked later."""
+    if isinstance(value, StepRef):
+        return value
+    if isinstance(value, str):
+        return (value, {})
+    if isinstance(value, dict) and len(value) == 1:
+        name, params = next(iter(value.items()))
+        return (str(name), params or {})
+    raise ValueError("a step is a name or {name: {parameters}}")
+
+
+class Route(Frozen):
+    """``match`` keys: ``source``, ``kind`` or any envelope header; a list means any of.
+
+    A route with ``steps`` hands the envelope to them (durably, retried like a
+    delivery, in order unless ``delivery`` says otherwise); what the steps pass on
+    or produce goes to ``to``. Give such a route an ``id`` so that work pending
+    for it stays attached when routes are reordered.
+    """
+
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
     match: dict[str, MatchValue] = Field(default_factory=dict)
-    steps: list[str] = Field(default_factory=list)
+    steps: tuple[Annotated[Any, BeforeValidator(_step_ref)], ...] = ()
     to: list[str] = Field(default_factory=list)
+    delivery: DeliveryPolicy = DeliveryPolicy()
 
     @model_validator(mode="after")
     def _does_something(self) -> Route:
@@ -266,7 +293,7 @@ def _typed_sections(
     return models, problems
 
 
-def _cross_check(cfg: GatewayConfig, lines: Mapping[Loc, int]) -> list[str]:
+def _cross_check(cfg: GatewayConfig, lines: Mapping[Loc, int], registry: Registry) -> list[str]:
     problems = []
     for section, items in (("listeners", cfg.listeners), ("destinations", cfg.destinations)):
         seen: dict[str, int] = {}
@@ -304,8 +331,7 @@ def _cross_check(cfg: GatewayConfig, lines: Mapping[Loc, int]) -> list[str]:
                         lines,
                     )
                 )
-        for j, step in enumerate(route.steps):
-            problems.append(_problem(("routes", r, "steps", j), f"unknown step {step!r}", lines))
+        problems += _unknown_steps(route, r, lines, registry)
     return problems
 
 
@@ -353,7 +379,9 @@ def parse_config(text: str, registry: Registry, source: str = "<string>") -> Gat
     except ValidationError as err:
         problems += _pydantic_problems(err, (), lines)
         raise ConfigError(problems) from err
-    problems += _cross_check(cfg, lines)
+    cfg, step_problems = _typed_steps(cfg, registry, lines)
+    problems += step_problems
+    problems += _cross_check(cfg, lines, registry)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -365,3 +393,42 @@ def summary(cfg: GatewayConfig) -> str:
         f"{len(cfg.destinations)} destination(s), {len(cfg.routes)} route(s), "
         f"state in {cfg.state_dir}"
     )
+
+
+def _unknown_steps(route: Route, r: int, lines: Mapping[Loc, int], registry: Registry) -> list[str]:
+    out = []
+    for j, step in enumerate(route.steps):
+        if not isinstance(step, StepRef):
+            known = ", ".join(sorted(registry.steps)) or "none installed"
+            out.append(
+                _problem(
+                    ("routes", r, "steps", j), f"unknown step {step[0]!r} (known: {known})", lines
+                )
+            )
+    return out
+
+
+def _typed_steps(
+    cfg: GatewayConfig, registry: Registry, lines: Mapping[Loc, int]
+) -> tuple[GatewayConfig, list[str]]:
+    """Validate each step's parameters with the model its name registered."""
+    problems: list[str] = []
+    routes = []
+    for r, route in enumerate(cfg.routes):
+        refs: list[Any] = []
+        for j, (name, params) in enumerate(route.steps):
+            kind = registry.steps.get(name)
+            if kind is None:
+                refs.append((name, params))
+                continue
+            try:
+                refs.append(StepRef(name, kind.model.model_validate(params)))
+            except ValidationError as err:
+                problems += _pydantic_problems(err, ("routes", r, "steps", j, name), lines)
+        routes.append(route.model_copy(update={"steps": tuple(refs)}))
+    return cfg.model_copy(update={"routes": tuple(routes)}), problems
+
+
+def route_key(route: Route, index: int) -> str:
+    """The journal's destination name for a route's steps."""
+    return f"steps:{route.id or index}"

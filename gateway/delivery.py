@@ -198,7 +198,7 @@ class DestinationPump:
     async def _deliver(self, sender: Sender, item: Pending) -> None:
         """Send until done or dead (ordered), or once (unordered: a failure goes back)."""
         env = item.envelope
-        if item.blob is not None:
+        if item.blob is not None and getattr(sender, "wants_body", True):
             env = replace(env, body=await asyncio.to_thread(self.journal.read_blob, item.blob))
         attempts = item.attempts
         while True:

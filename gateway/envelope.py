@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 
 def new_id() -> str:
@@ -44,6 +45,7 @@ class Envelope:
     parent_id: str | None = None
     id: str = field(default_factory=new_id)
     received_at: datetime = field(default_factory=utcnow)
+    as_file: bool = False  # keep the body as a blob file whatever its size (DICOM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +61,4 @@ class StoredEnvelope:
     parent_id: str | None
     received_at: datetime
     body: bytes
+    blob_path: Path | None = None  # the body's file when stored as a blob

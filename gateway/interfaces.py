@@ -29,8 +29,9 @@ class Accepted:
 class Intake(Protocol):
     """How listeners hand messages to the core (implemented by the service)."""
 
-    async def accept(self, envelope: Envelope) -> Accepted:
-        """Journal durably and route; returns only after the commit (raises JournalError)."""
+    async def accept(self, envelope: Envelope, destinations: list[str] | None = None) -> Accepted:
+        """Journal durably and route (or deliver to ``destinations``); returns only after
+        the commit (raises JournalError)."""
         ...
 
     async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
@@ -46,7 +47,11 @@ class Listener(AbstractAsyncContextManager["Listener"], Protocol):
 
 
 class Sender(Protocol):
-    """Delivers envelopes to one destination over one connection (one per worker)."""
+    """Delivers envelopes to one destination over one connection (one per worker).
+
+    A sender class may set ``wants_body = False`` to read large bodies from
+    ``envelope.blob_path`` itself (DICOM files sent without loading them).
+    """
 
     async def send(self, envelope: StoredEnvelope) -> str:
         """Deliver; return a short confirmation (ACK code, status) only when the peer

@@ -298,7 +298,7 @@ class Journal:
         self._check_free_space()
         digest = hashlib.sha256(env.body).hexdigest()
         blob = None
-        if len(env.body) > self.inline_max:
+        if env.as_file or len(env.body) > self.inline_max:
             blob = f"{env.id[:4]}/{env.id}"
             try:
                 await asyncio.to_thread(self._write_blob, blob, env.body)
@@ -354,6 +354,18 @@ class Journal:
             fsync_dir(self.blob_dir)
         write_durably(path, data)
 
+    async def add_deliveries(self, seq: int, destinations: list[str]) -> None:
+        """More pending deliveries for an envelope already journaled (a route's steps
+        passing the original on); a destination it already has is left as it is."""
+        now = time.time()
+        await self._submit(
+            lambda c: c.executemany(
+                "INSERT OR IGNORE INTO deliveries (seq, destination, state, next_at, updated_at) "
+                "VALUES (?, ?, 'pending', ?, ?)",
+                [(seq, d, now, now) for d in destinations],
+            )
+        )
+
     async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
         kept = raw[:QUARANTINE_KEEP]
         now = time.time()
@@ -399,6 +411,7 @@ class Journal:
                 parent_id=r[9],
                 headers=json.loads(r[10]),
                 body=r[11] or b"",
+                blob_path=self.blob_dir / r[12] if r[12] else None,
             )
             out.append(Pending(r[0], r[1], r[2], env, r[12]))
         return out

@@ -20,6 +20,7 @@ CommandSetup = Callable[[Any], None]  # receives argparse's subparsers object
 
 ListenerFactory = Callable[[Any, "Intake", "PluginContext"], "Listener"]
 DestinationFactory = Callable[[Any, "PluginContext"], "Destination"]
+StepFactory = Callable[[Any, "PluginContext"], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,8 @@ class PluginContext:
     site_id: str
     state_dir: str
     metrics: Any  # gateway.metrics.Metrics
+    # objects plugins share (a worklist store used by a step and a listener, ...)
+    services: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,7 @@ class Kind:
 class Registry:
     listeners: dict[str, Kind] = field(default_factory=dict)
     destinations: dict[str, Kind] = field(default_factory=dict)
+    steps: dict[str, Kind] = field(default_factory=dict)
     commands: dict[str, CommandSetup] = field(default_factory=dict)
 
     def listener(
@@ -53,6 +57,11 @@ class Registry:
         self, type_: str, model: type[BaseModel], factory: DestinationFactory, summary: str
     ) -> None:
         self.destinations[type_] = Kind(model, factory, summary)
+
+    def step(self, name: str, model: type[BaseModel], factory: StepFactory, summary: str) -> None:
+        """A route step; ``factory(params, ctx)`` returns an object with
+        ``async run(envelope) -> list[envelope]`` (see gateway.steps)."""
+        self.steps[name] = Kind(model, factory, summary)
 
     def command(self, name: str, setup: CommandSetup) -> None:
         """A ``medgw NAME ...`` subcommand; ``setup(subparsers)`` adds its parser and

@@ -16,7 +16,7 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, route_key
 from gateway.delivery import DestinationPump
 from gateway.envelope import Envelope
 from gateway.health import HttpEndpoints
@@ -26,6 +26,7 @@ from gateway.metrics import Metrics
 from gateway.registry import PluginContext, Registry
 from gateway.router import Router
 from gateway.sdnotify import Notifier
+from gateway.steps import StepChain
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,11 @@ class Gateway:
 
     # -- Intake -------------------------------------------------------------------------
 
-    async def accept(self, envelope: Envelope) -> Accepted:
-        destinations = self.router.destinations(envelope)
+    async def accept(self, envelope: Envelope, destinations: list[str] | None = None) -> Accepted:
+        """Journal ``envelope`` for the routed destinations (or the ones given, for
+        what a route's steps produce) and wake their delivery pumps."""
+        if destinations is None:
+            destinations = self.router.destinations(envelope)
         accepted = await self.journal.accept(envelope, destinations)
         if accepted.duplicate_of:
             self.metrics.duplicate(envelope.source)
@@ -86,6 +90,12 @@ class Gateway:
         for dest in destinations:
             self.pumps[dest].notify()
         return accepted
+
+    async def forward(self, seq: int, destinations: list[str]) -> None:
+        """Deliver an envelope already journaled to more destinations (steps pass-through)."""
+        await self.journal.add_deliveries(seq, destinations)
+        for dest in destinations:
+            self.pumps[dest].notify()
 
     async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
         self.metrics.rejected(source, reason.split(":", 1)[0][:40])
@@ -118,6 +128,17 @@ class Gateway:
                 self.pumps[dcfg.id] = DestinationPump(
                     destination, dcfg.delivery, self.journal, self.metrics
                 )
+            for i, route in enumerate(self.cfg.routes):
+                if route.steps:
+                    chain = StepChain(
+                        route_key(route, i),
+                        [self.registry.steps[s.name].factory(s.params, ctx) for s in route.steps],
+                        list(route.to),
+                        self,
+                    )
+                    self.pumps[chain.id] = DestinationPump(
+                        chain, route.delivery, self.journal, self.metrics
+                    )
             async with asyncio.TaskGroup() as tg:
                 for pump in self.pumps.values():
                     pump.start(tg)
