@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.envelope import Envelope, StoredEnvelope
 
@@ -36,6 +36,12 @@ class Intake(Protocol):
 
     async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
         """Keep bad input for a human to look at; returns the quarantine row id."""
+        ...
+
+    async def record_session(
+        self, source: str, peer: str, started_at: float, ended_at: float, details: dict[str, Any]
+    ) -> None:
+        """Record one finished connection or association (who, when, what, errors)."""
         ...
 
 

@@ -62,6 +62,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (destination, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (destination, state, seq);
+CREATE TABLE IF NOT EXISTS sessions (                -- connections and associations
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    source      TEXT NOT NULL,
+    peer        TEXT NOT NULL,
+    started_at  REAL NOT NULL,
+    ended_at    REAL NOT NULL,
+    details     TEXT NOT NULL                       -- JSON: AE titles, counts, bytes, errors
+);
 CREATE TABLE IF NOT EXISTS quarantine (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     source      TEXT NOT NULL,
@@ -363,6 +371,18 @@ class Journal:
                 "INSERT OR IGNORE INTO deliveries (seq, destination, state, next_at, updated_at) "
                 "VALUES (?, ?, 'pending', ?, ?)",
                 [(seq, d, now, now) for d in destinations],
+            )
+        )
+
+    async def record_session(
+        self, source: str, peer: str, started_at: float, ended_at: float, details: dict[str, Any]
+    ) -> None:
+        text = json.dumps(details, separators=(",", ":"), ensure_ascii=False, default=str)
+        await self._submit(
+            lambda c: c.execute(
+                "INSERT INTO sessions (source, peer, started_at, ended_at, details) "
+                "VALUES (?,?,?,?,?)",
+                (source, peer, started_at, ended_at, text),
             )
         )
 

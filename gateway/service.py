@@ -97,6 +97,11 @@ class Gateway:
         for dest in destinations:
             self.pumps[dest].notify()
 
+    async def record_session(
+        self, source: str, peer: str, started_at: float, ended_at: float, details: dict[str, Any]
+    ) -> None:
+        await self.journal.record_session(source, peer, started_at, ended_at, details)
+
     async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
         self.metrics.rejected(source, reason.split(":", 1)[0][:40])
         qid = await self.journal.quarantine(source, raw, reason, peer)

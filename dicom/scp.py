@@ -1,0 +1,7 @@
+"""Placeholder: being written (imaging issue)."""
+
+from gateway.registry import Registry
+
+
+def register(registry: Registry) -> None:
+    return None
