@@ -131,6 +131,70 @@ def write_durably(path: Path, data: bytes) -> None:
 _Op = Callable[[sqlite3.Connection], Any]
 
 
+def insert_envelope(
+    conn: sqlite3.Connection,
+    env: Envelope,
+    destinations: list[str],
+    *,
+    digest: str,
+    blob: str | None,
+) -> Accepted:
+    """Insert ``env`` and its pending deliveries (inside the caller's transaction).
+
+    The same idempotency key with the same digest is a retransmission: nothing is
+    written and the first envelope's id comes back as ``duplicate_of``.
+    """
+    if env.idem_key is not None:
+        dup = conn.execute(
+            "SELECT id FROM envelopes WHERE idem_key = ? AND digest = ? LIMIT 1",
+            (env.idem_key, digest),
+        ).fetchone()
+        if dup:
+            return Accepted(env.id, duplicate_of=dup[0])
+    headers = json.dumps(env.headers, separators=(",", ":"), ensure_ascii=False)
+    cur = conn.execute(
+        "INSERT INTO envelopes (id, kind, source, received_at, idem_key, digest, "
+        "parent_id, headers, size, body, blob) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            env.id,
+            env.kind,
+            env.source,
+            env.received_at.timestamp(),
+            env.idem_key,
+            digest,
+            env.parent_id,
+            headers,
+            len(env.body),
+            None if blob else env.body,
+            blob,
+        ),
+    )
+    now = time.time()
+    conn.executemany(
+        "INSERT INTO deliveries (seq, destination, state, next_at, updated_at) "
+        "VALUES (?, ?, 'pending', ?, ?)",
+        [(cur.lastrowid, d, now, now) for d in destinations],
+    )
+    return Accepted(env.id)
+
+
+def insert_sync(conn: sqlite3.Connection, env: Envelope, destinations: list[str]) -> Accepted:
+    """Journal a small envelope from outside the service (CLI commands such as
+    ``medgw dicom complete``), in its own transaction; a running gateway's delivery
+    loops pick it up within a second. Bodies are kept inline: no blob files here."""
+    if env.as_file:
+        raise ValueError("insert_sync keeps bodies inline; as_file envelopes need the service")
+    digest = hashlib.sha256(env.body).hexdigest()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        accepted = insert_envelope(conn, env, destinations, digest=digest, blob=None)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return accepted
+
+
 class _Writer(threading.Thread):
     """Runs queued write operations in shared transactions (group commit)."""
 
@@ -312,44 +376,9 @@ class Journal:
                 await asyncio.to_thread(self._write_blob, blob, env.body)
             except OSError as err:
                 raise JournalError(f"cannot write blob: {err}") from err
-        headers = json.dumps(env.headers, separators=(",", ":"), ensure_ascii=False)
-        row = (
-            env.id,
-            env.kind,
-            env.source,
-            env.received_at.timestamp(),
-            env.idem_key,
-            digest,
-            env.parent_id,
-            headers,
-            len(env.body),
-            None if blob else env.body,
-            blob,
+        accepted: Accepted = await self._submit(
+            lambda conn: insert_envelope(conn, env, destinations, digest=digest, blob=blob)
         )
-        now = time.time()
-
-        def op(conn: sqlite3.Connection) -> Accepted:
-            if env.idem_key is not None:
-                dup = conn.execute(
-                    "SELECT id FROM envelopes WHERE idem_key = ? AND digest = ? LIMIT 1",
-                    (env.idem_key, digest),
-                ).fetchone()
-                if dup:
-                    return Accepted(env.id, duplicate_of=dup[0])
-            cur = conn.execute(
-                "INSERT INTO envelopes (id, kind, source, received_at, idem_key, digest, "
-                "parent_id, headers, size, body, blob) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                row,
-            )
-            seq = cur.lastrowid
-            conn.executemany(
-                "INSERT INTO deliveries (seq, destination, state, next_at, updated_at) "
-                "VALUES (?, ?, 'pending', ?, ?)",
-                [(seq, d, now, now) for d in destinations],
-            )
-            return Accepted(env.id)
-
-        accepted: Accepted = await self._submit(op)
         if accepted.duplicate_of and blob:
             with contextlib.suppress(OSError):
                 (self.blob_dir / blob).unlink()

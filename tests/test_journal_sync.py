@@ -1,0 +1,45 @@
+"""insert_sync: CLI commands journal small envelopes beside a running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gateway.envelope import Envelope
+from gateway.journal import Journal, admin_connection, insert_sync
+
+
+async def test_insert_sync_is_seen_by_the_service_and_deduplicated(tmp_path: Path) -> None:
+    journal = Journal(tmp_path).open()
+    try:
+        env = Envelope(
+            kind="event",
+            source="cli",
+            body=b'{"e":1}',
+            idem_key="k1",
+            headers={"event": "study.complete"},
+        )
+        with admin_connection(tmp_path) as conn:
+            first = insert_sync(conn, env, ["out", "audit"])
+            again = insert_sync(
+                conn, Envelope(kind="event", source="cli", body=b'{"e":1}', idem_key="k1"), ["out"]
+            )
+        assert first.duplicate_of is None
+        assert again.duplicate_of == env.id
+        pending = journal.pending("out", limit=10)
+        assert [p.envelope.id for p in pending] == [env.id]
+        assert pending[0].envelope.headers == {"event": "study.complete"}
+        assert journal.depth() == {"out": {"pending": 1}, "audit": {"pending": 1}}
+        # the service's own writer still works beside it
+        await journal.accept(Envelope(kind="hl7", source="x", body=b"MSH"), ["out"])
+        assert len(journal.pending("out", limit=10)) == 2
+    finally:
+        await asyncio.to_thread(journal.close)
+
+
+def test_insert_sync_refuses_file_bodies(tmp_path: Path) -> None:
+    Journal(tmp_path).open().close()
+    with admin_connection(tmp_path) as conn, pytest.raises(ValueError, match="inline"):
+        insert_sync(conn, Envelope(kind="dicom", source="x", body=b"x", as_file=True), [])
