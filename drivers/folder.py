@@ -54,6 +54,9 @@ class FolderDestination:
     def __init__(self, cfg: FolderConfig) -> None:
         self.id = cfg.id
         self.path = cfg.path
+        if self.path.is_dir():  # a crash mid-write leaves a hidden temp file; never delivered
+            for stale in self.path.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def sender(self) -> FolderSender:
         return FolderSender(self.path)

@@ -53,10 +53,10 @@ def parse_endpoint(value: object) -> Endpoint:
         ipaddress.IPv6Address(host)
     elif ":" in host:
         raise ValueError(f"write IPv6 addresses as '[addr]:port', got {value!r}")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"port must be a number 1..65535, got {port_text!r}") from None
+    digits = port_text.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(f"port must be a number 1..65535, got {port_text!r}")
+    port = int(port_text)
     if not 1 <= port <= 65535:
         raise ValueError("port must be 1..65535")
     return Endpoint(host, port)
@@ -225,6 +225,7 @@ def _line_map(node: yaml.Node, path: Loc, lines: dict[Loc, int], problems: list[
                 problems.append(f"{format_loc((*path, key))}: duplicate key (line {line})")
             seen.add(key)
             _line_map(value_node, (*path, key), lines, problems)
+            lines[(*path, key)] = key_node.start_mark.line + 1  # errors point at the key
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _line_map(item, (*path, i), lines, problems)
@@ -293,22 +294,37 @@ def _typed_sections(
     return models, problems
 
 
-def _cross_check(cfg: GatewayConfig, lines: Mapping[Loc, int], registry: Registry) -> list[str]:
+def _raw_ids(raw: dict[str, Any], section: str) -> list[tuple[int, str]]:
+    """(index, id) of every entry of a section that names an id, valid or not, so one
+    bad entry does not also make every route that names it look wrong."""
+    items = raw.get(section)
+    if not isinstance(items, list):
+        return []
+    return [
+        (i, item["id"])
+        for i, item in enumerate(items)
+        if isinstance(item, dict) and isinstance(item.get("id"), str)
+    ]
+
+
+def _cross_check(
+    cfg: GatewayConfig, raw: dict[str, Any], lines: Mapping[Loc, int], registry: Registry
+) -> list[str]:
     problems = []
-    for section, items in (("listeners", cfg.listeners), ("destinations", cfg.destinations)):
+    for section in ("listeners", "destinations"):
         seen: dict[str, int] = {}
-        for i, item in enumerate(items):
-            if item.id in seen:
+        for i, item_id in _raw_ids(raw, section):
+            if item_id in seen:
                 problems.append(
                     _problem(
                         (section, i, "id"),
-                        f"duplicate id {item.id!r} (also {section}[{seen[item.id]}])",
+                        f"duplicate id {item_id!r} (also {section}[{seen[item_id]}])",
                         lines,
                     )
                 )
-            seen[item.id] = i
-    listener_ids = {x.id for x in cfg.listeners}
-    dest_ids = {x.id for x in cfg.destinations}
+            seen[item_id] = i
+    listener_ids = {item_id for _, item_id in _raw_ids(raw, "listeners")}
+    dest_ids = {item_id for _, item_id in _raw_ids(raw, "destinations")}
     for r, route in enumerate(cfg.routes):
         for j, dest in enumerate(route.to):
             if dest not in dest_ids:
@@ -381,7 +397,7 @@ def parse_config(text: str, registry: Registry, source: str = "<string>") -> Gat
         raise ConfigError(problems) from err
     cfg, step_problems = _typed_steps(cfg, registry, lines)
     problems += step_problems
-    problems += _cross_check(cfg, lines, registry)
+    problems += _cross_check(cfg, raw, lines, registry)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0  # picks up `medgw queue retry` and due retries without a wake-up
+PROBE_POLL_S = 0.5  # workers waiting on a half-open probe re-check stop this often
 
 
 def backoff_delay(attempts: int, initial_s: float, max_s: float, rng: random.Random) -> float:
@@ -48,7 +49,8 @@ class CircuitBreaker:
     cooldown_s: float
     failures: int = 0
     open_until: float = 0.0
-    _probe: asyncio.Lock = field(default_factory=asyncio.Lock)
+    probing: bool = False
+    _settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def state(self) -> str:
@@ -66,24 +68,34 @@ class CircuitBreaker:
                 if stop.is_set():
                     return
                 continue
-            if not self._probe.locked():
-                return  # this worker is the probe
-            async with self._probe:
-                pass
+            if not self.probing:
+                self.probing = True  # this worker is the probe; its result settles it
+                self._settled.clear()
+                return
+            with contextlib.suppress(TimeoutError):  # others wait for the probe's result
+                await asyncio.wait_for(self._settled.wait(), PROBE_POLL_S)
+            if stop.is_set():
+                return
 
     def succeeded(self) -> bool:
         """Record a success; True if this closed an open breaker."""
         was_open = self.failures >= self.threshold
         self.failures = 0
+        self._settle()
         return was_open
 
     def failed(self) -> bool:
         """Record a failure; True if this opened the breaker."""
         self.failures += 1
+        self._settle()
         if self.failures >= self.threshold:
             self.open_until = time.monotonic() + self.cooldown_s
             return self.failures == self.threshold
         return False
+
+    def _settle(self) -> None:
+        self.probing = False
+        self._settled.set()
 
 
 @dataclass

@@ -34,8 +34,12 @@ class Intake(Protocol):
         the commit (raises JournalError)."""
         ...
 
-    async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
-        """Keep bad input for a human to look at; returns the quarantine row id."""
+    async def quarantine(
+        self, source: str, raw: bytes, reason: str, peer: str = "", size: int | None = None
+    ) -> int:
+        """Keep bad input for a human to look at; returns the quarantine row id.
+
+        ``size`` is the input's real size when ``raw`` is only its head."""
         ...
 
     async def record_session(

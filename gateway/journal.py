@@ -118,8 +118,11 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_durably(path: Path, data: bytes) -> None:
-    """Write to a temp file, fsync, rename into place, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write to a temp file, fsync, rename into place, fsync the folder.
+
+    The temp file is hidden (``.NAME.tmp``) so that whoever watches the folder
+    (an outbox consumer) does not pick up a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -415,7 +418,9 @@ class Journal:
             )
         )
 
-    async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
+    async def quarantine(
+        self, source: str, raw: bytes, reason: str, peer: str = "", size: int | None = None
+    ) -> int:
         kept = raw[:QUARANTINE_KEEP]
         now = time.time()
 
@@ -423,7 +428,7 @@ class Journal:
             cur = conn.execute(
                 "INSERT INTO quarantine (source, peer, received_at, reason, size, raw) "
                 "VALUES (?,?,?,?,?,?)",
-                (source, peer, now, reason, len(raw), kept),
+                (source, peer, now, reason, len(raw) if size is None else size, kept),
             )
             return int(cur.lastrowid or 0)
 

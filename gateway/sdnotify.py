@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+
+log = logging.getLogger(__name__)
 
 
 class Notifier:
@@ -15,6 +18,7 @@ class Notifier:
         if addr.startswith("@"):
             addr = "\0" + addr[1:]  # abstract namespace
         self._addr = addr
+        self._warned = False
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         mine = not pid or pid == str(os.getpid())
@@ -27,6 +31,11 @@ class Notifier:
     def notify(self, *lines: str) -> None:
         if not self._addr:
             return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(self._addr)
-            s.sendall("\n".join(lines).encode())
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.connect(self._addr)
+                s.sendall("\n".join(lines).encode())
+        except OSError as err:  # systemd's absence must never stop clinical traffic
+            if not self._warned:
+                log.warning("sdnotify.failed socket=%s error=%s", self._addr, err)
+                self._warned = True

@@ -102,15 +102,17 @@ class Gateway:
     ) -> None:
         await self.journal.record_session(source, peer, started_at, ended_at, details)
 
-    async def quarantine(self, source: str, raw: bytes, reason: str, peer: str = "") -> int:
+    async def quarantine(
+        self, source: str, raw: bytes, reason: str, peer: str = "", size: int | None = None
+    ) -> int:
         self.metrics.rejected(source, reason.split(":", 1)[0][:40])
-        qid = await self.journal.quarantine(source, raw, reason, peer)
+        qid = await self.journal.quarantine(source, raw, reason, peer, size)
         log.warning(
             "message.quarantined source=%s peer=%s id=%d size=%d reason=%r",
             source,
             peer,
             qid,
-            len(raw),
+            len(raw) if size is None else size,
             reason,
         )
         return qid

@@ -167,7 +167,11 @@ class MllpListener:
             return await self._message(event.data, peer)
         if isinstance(event, JunkReceived):
             await self.intake.quarantine(
-                self.id, event.data, f"junk: {event.size} bytes outside an MLLP frame", peer
+                self.id,
+                event.data,
+                f"junk: {event.size} bytes outside an MLLP frame",
+                peer,
+                size=event.size,
             )
             return None
         if isinstance(event, FrameTruncated):
@@ -181,12 +185,15 @@ class MllpListener:
                 f"{self.cfg.max_message_bytes}"
             )
             return await self._reject(
-                event.head, peer, Hl7Error(reason, ack_code="AR", error_code="207")
+                event.head,
+                peer,
+                Hl7Error(reason, ack_code="AR", error_code="207"),
+                size=event.size,
             )
         raise TypeError(f"unexpected framer event {event!r}")
 
-    async def _reject(self, raw: bytes, peer: str, err: Hl7Error) -> bytes:
-        await self.intake.quarantine(self.id, raw, str(err), peer)
+    async def _reject(self, raw: bytes, peer: str, err: Hl7Error, size: int | None = None) -> bytes:
+        await self.intake.quarantine(self.id, raw, str(err), peer, size=size)
         try:
             msh: Msh | None = parse_msh(raw)
         except Hl7Error:
