@@ -184,9 +184,12 @@ class DestinationPump:
     async def _sleep_until_work(self) -> None:
         timeout = IDLE_POLL_S
         if not self.policy.ordered:
+            # deliveries already past due are handed to workers (their end wakes us);
+            # only a retry due in the future shortens the sleep
             due = self.journal.next_due(self.id)
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - time.time()))
+            now = time.time()
+            if due is not None and due > now:
+                timeout = min(timeout, due - now)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
