@@ -12,6 +12,9 @@ import sys
 import time
 
 
+QUIET_LIBRARIES = ("pynetdicom",)
+
+
 class TextFormatter(logging.Formatter):
     converter = staticmethod(time.gmtime)
 
@@ -41,3 +44,6 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # library wire chatter (pynetdicom logs every C-STORE at INFO) only when debugging
+    for noisy in QUIET_LIBRARIES:
+        logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

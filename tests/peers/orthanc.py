@@ -16,6 +16,14 @@ Orthanc keeps one copy per SOP Instance UID and silently discards a resend
 ``accepted_transfer_syntaxes`` restricts what Orthanc's C-STORE SCP accepts
 (Orthanc >= 1.9 ``"AcceptedTransferSyntaxes"``, wildcards allowed), to make it
 refuse compressed presentation contexts.
+
+What Orthanc stores is not always the bytes it received: it writes its own file
+meta (its DCMTK implementation class UID and version name; our Source AE title
+and private meta elements dropped), and DCMTK writes every sequence and item
+with an explicit length, so an instance that came with undefined-length
+sequences is stored with the same elements and values, and the same pixel data
+bytes, but a different encoding of those sequences. :func:`compare_stored`
+checks exactly that and says which case it was.
 """
 
 from __future__ import annotations
@@ -30,8 +38,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from peers.gateway_proc import Proc, pick_free_port, wait_for
 
@@ -210,4 +224,84 @@ def running_orthanc(workdir: Path, **options: Any) -> Iterator[Orthanc]:
     try:
         yield orthanc
     finally:
-        orthanc.stop()
+        orthanc.stop(grace_s=1.0)  # its storage is thrown away: no need to wait long
+
+
+# -- what a PACS stored, compared with what was sent -----------------------------------
+
+MIXED_SET = [
+    "CT_small.dcm",  # CT, explicit VR LE
+    "MR_small.dcm",  # MR, explicit VR LE
+    "JPEG2000.dcm",  # secondary capture, JPEG 2000
+    "RG1_J2KR.dcm",  # CR radiograph, JPEG 2000 lossless (4 MB)
+    "RG3_UNCI.dcm",  # CR radiograph, uncompressed (6 MB)
+    "emri_small_jpeg_ls_lossless.dcm",  # enhanced MR, JPEG-LS, 10 frames
+    "SC_rgb_rle.dcm",  # RGB secondary capture, RLE
+    "JPEG-LL.dcm",  # JPEG lossless (process 14)
+    "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline, YBR_FULL
+]
+
+
+def sample_file(name: str) -> Path:
+    """A file from pydicom's test data or pydicom-data (RG1_J2KR.dcm, ...)."""
+    found = get_testdata_file(name)
+    assert isinstance(found, str), f"{name} not in pydicom's test data"
+    return Path(found)
+
+
+def dataset_part(data: bytes) -> bytes:
+    """The dataset bytes of a Part-10 file: everything after the file meta (PS3.10 7.1)."""
+    assert data[128:132] == b"DICM", "no DICM prefix"
+    assert data[132:136] == b"\x02\x00\x00\x00", "file meta does not start with its length"
+    return data[144 + int.from_bytes(data[140:144], "little") :]
+
+
+def make_ct_series(folder: Path, count: int, source: str = "CT_small.dcm") -> list[Path]:
+    """``count`` CT-like instances of one new study and series (new SOP Instance UIDs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = dcmread(sample_file(source))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    paths = []
+    for n in range(count):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = n + 1
+        path = folder / f"ct{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _undefined_lengths(ds: Dataset) -> int:
+    count = 0
+    for elem in ds.iterall():
+        if elem.VR == "SQ" and elem.is_undefined_length:
+            count += 1
+    return count
+
+
+def compare_stored(sent: bytes, stored: bytes) -> set[str]:
+    """Assert that a stored instance is the one sent and say how its bytes differ.
+
+    ``{"identical"}``: the dataset bytes after the file meta are equal. Otherwise
+    the elements, their values and the pixel data bytes must be equal, and each
+    remaining difference must be one DCMTK makes when it writes a file:
+    ``"sequence lengths"`` (undefined-length sequences written with explicit
+    lengths) and ``"pixel data VR"`` (encapsulated pixel data declared OW by the
+    sender written as OB, which PS3.5 A.4 requires).
+    """
+    if dataset_part(sent) == dataset_part(stored):
+        return {"identical"}
+    a, b = dcmread(BytesIO(sent)), dcmread(BytesIO(stored))
+    how = set()
+    if "PixelData" in a:
+        assert a.PixelData == b.PixelData, "pixel data bytes differ"
+        if a["PixelData"].VR != b["PixelData"].VR:
+            assert a.file_meta.TransferSyntaxUID.is_encapsulated
+            assert (a["PixelData"].VR, b["PixelData"].VR) == ("OW", "OB")
+            a["PixelData"].VR = "OB"
+            how.add("pixel data VR")
+    assert a == b, "stored instance differs in its elements or values"
+    if _undefined_lengths(a) > 0 and _undefined_lengths(b) == 0:
+        how.add("sequence lengths")
+    assert how, "dataset bytes differ for another reason"
+    return how
