@@ -11,7 +11,6 @@ import logging
 import sys
 import time
 
-
 QUIET_LIBRARIES = ("pynetdicom",)
 
 

@@ -51,14 +51,26 @@ def block_writer(j: Journal) -> threading.Event:
         release.wait(10)
 
     j._submit(hold)
+    j._flush(asyncio.get_running_loop())  # hand it over now, not at the next loop iteration
     assert started.wait(5)
+    writer = j._writer
+    assert writer is not None
+    submitted = [0]
+    original = writer.submit
+
+    def counting(items: list, loop: asyncio.AbstractEventLoop) -> None:  # type: ignore[type-arg]
+        submitted[0] += len(items)
+        original(items, loop)
+
+    writer.submit = counting  # type: ignore[method-assign]
+    j._test_submitted = submitted  # type: ignore[attr-defined]
     return release
 
 
 async def queued(j: Journal, n: int, timeout: float = 5.0) -> None:
-    """Wait until ``n`` operations wait in the writer's queue."""
+    """Wait until ``n`` operations were handed to the (blocked) writer thread."""
     deadline = time.monotonic() + timeout
-    while j._writer._queue.qsize() < n:  # type: ignore[union-attr]
+    while j._test_submitted[0] < n:  # type: ignore[attr-defined]
         assert time.monotonic() < deadline, "operations never reached the writer"
         await asyncio.sleep(0.001)
 

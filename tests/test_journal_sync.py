@@ -43,3 +43,21 @@ def test_insert_sync_refuses_file_bodies(tmp_path: Path) -> None:
     Journal(tmp_path).open().close()
     with admin_connection(tmp_path) as conn, pytest.raises(ValueError, match="inline"):
         insert_sync(conn, Envelope(kind="dicom", source="x", body=b"x", as_file=True), [])
+
+
+async def test_accepts_of_one_loop_iteration_share_one_commit(tmp_path: Path) -> None:
+    """Group commit is deterministic: what the event loop submits in one iteration
+    (e.g. messages read from 8 connections in one poll) goes to disk in one commit."""
+    journal = Journal(tmp_path).open()
+    try:
+        await journal.accept(Envelope(kind="hl7", source="x", body=b"warm"), ["out"])
+        before = journal.commits
+        bodies = [f"MSH|{i}".encode() for i in range(50)]
+        results = await asyncio.gather(
+            *(journal.accept(Envelope(kind="hl7", source="x", body=b), ["out"]) for b in bodies)
+        )
+        assert len({r.id for r in results}) == 50
+        assert journal.commits == before + 1
+        assert journal.depth() == {"out": {"pending": 51}}
+    finally:
+        await asyncio.to_thread(journal.close)
