@@ -210,9 +210,10 @@ class _Writer(threading.Thread):
     slower acknowledgements for everyone.
     """
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, pre_commit: Callable[[], None]) -> None:
         super().__init__(name="journal-writer", daemon=True)
         self._conn = connect(db_path)
+        self._pre_commit = pre_commit
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
         self.commits = 0
@@ -248,6 +249,7 @@ class _Writer(threading.Thread):
         conn = self._conn
         results: list[tuple[bool, Any]] = []
         try:
+            self._pre_commit()
             conn.execute("BEGIN IMMEDIATE")
             for op, _ in batch:
                 conn.execute("SAVEPOINT op")
@@ -260,7 +262,7 @@ class _Writer(threading.Thread):
                     results.append((False, err))
             conn.execute("COMMIT")
             self.commits += 1
-        except sqlite3.Error as err:
+        except (sqlite3.Error, OSError) as err:
             log.exception("journal.commit_failed ops=%d", len(batch))
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -303,6 +305,8 @@ class Journal:
         self.min_free = min_free_mb * 1024 * 1024
         self._writer: _Writer | None = None
         self._outbox: list[_Item] = []
+        self._unsynced_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
         self._read: sqlite3.Connection | None = None
         self._free_checked = (0.0, True)
 
@@ -321,7 +325,7 @@ class Journal:
             )
         finally:
             conn.close()
-        self._writer = _Writer(self.db_path)
+        self._writer = _Writer(self.db_path, self._sync_blob_dirs)
         self._writer.start()
         self._read = connect(self.db_path)
         return self
@@ -394,14 +398,15 @@ class Journal:
         journaled, nothing is written and its id is returned as ``duplicate_of``.
         """
         self._check_free_space()
-        digest = hashlib.sha256(env.body).hexdigest()
         blob = None
         if env.as_file or len(env.body) > self.inline_max:
             blob = f"{env.id[:4]}/{env.id}"
-            try:
-                await asyncio.to_thread(self._write_blob, blob, env.body)
+            try:  # large bodies: hashing and writing both off the event loop
+                digest = await asyncio.to_thread(self._write_blob, blob, env.body)
             except OSError as err:
                 raise JournalError(f"cannot write blob: {err}") from err
+        else:
+            digest = hashlib.sha256(env.body).hexdigest()
         accepted: Accepted = await self._submit(
             lambda conn: insert_envelope(conn, env, destinations, digest=digest, blob=blob)
         )
@@ -410,12 +415,33 @@ class Journal:
                 (self.blob_dir / blob).unlink()
         return accepted
 
-    def _write_blob(self, rel: str, data: bytes) -> None:
+    def _write_blob(self, rel: str, data: bytes) -> str:
+        """Write a blob file (fsynced, renamed into place) and return its sha256.
+
+        The folder's own fsync, which makes the rename durable, is left to the
+        writer thread just before the commit that references the blob: one per
+        folder and commit instead of one per blob."""
         path = self.blob_dir / rel
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.blob_dir)
-        write_durably(path, data)
+        digest = hashlib.sha256(data).hexdigest()
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with self._dirs_lock:
+            self._unsynced_dirs.add(path.parent)
+        return digest
+
+    def _sync_blob_dirs(self) -> None:
+        """Writer thread, before each commit: make the renames of new blobs durable."""
+        with self._dirs_lock:
+            dirs, self._unsynced_dirs = self._unsynced_dirs, set()
+        for folder in dirs:
+            fsync_dir(folder)
 
     async def add_deliveries(self, seq: int, destinations: list[str]) -> None:
         """More pending deliveries for an envelope already journaled (a route's steps
