@@ -46,7 +46,8 @@ class MllpClient:
         assert self._reader is not None and self._writer is not None
         self._writer.write(frame(message))
         await self._writer.drain()
-        return await asyncio.wait_for(self._read_frame(self._reader), timeout_s)
+        async with asyncio.timeout(timeout_s):  # no extra task per message, unlike wait_for
+            return await self._read_frame(self._reader)
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
         while True:

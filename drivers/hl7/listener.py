@@ -64,6 +64,7 @@ def envelope_for(raw: bytes, msh: Msh, source: str, codec: str) -> Envelope:
 class _Connection:
     task: asyncio.Task[None]
     busy: bool = False
+    messages: int = 0  # frames received on it, for the one INFO line at disconnect
 
 
 class MllpListener:
@@ -135,6 +136,7 @@ class MllpListener:
                 events = framer.feed(data)
                 if not events:
                     continue
+                conn.messages += len(events)
                 conn.busy = True
                 # several messages in one read share one journal commit; replies keep order
                 if len(events) == 1:
@@ -160,7 +162,9 @@ class MllpListener:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-            log.info("mllp.disconnected listener=%s peer=%s", self.id, peer)
+            log.info(
+                "mllp.disconnected listener=%s peer=%s messages=%d", self.id, peer, conn.messages
+            )
 
     async def _handle(self, event: FramerEvent, peer: str) -> bytes | None:
         if isinstance(event, FrameReceived):
@@ -230,7 +234,7 @@ class MllpListener:
                 timestamp=hl7_timestamp(),
                 error=Hl7Error(text, ack_code="AR", error_code="207"),
             )
-        log.info(
+        log.debug(
             "mllp.accepted listener=%s type=%s control_id=%s envelope=%s%s",
             self.id,
             env.headers["message_type"],
