@@ -167,6 +167,20 @@ def _step_ref(value: object) -> object:
     raise ValueError("a step is a name or {name: {parameters}}")
 
 
+def _fold(name: str) -> str:
+    return name.replace("_", "").replace("-", "").lower()
+
+
+def _header(headers: Mapping[str, str], key: str) -> str | None:
+    """A header by a looser spelling: ``modality``, ``sop_class_uid`` and
+    ``SOPClassUID`` all name the DICOM keyword headers the SCP records."""
+    folded = _fold(key)
+    for name, value in headers.items():
+        if _fold(name) == folded:
+            return value
+    return None
+
+
 class Route(Frozen):
     """``match`` keys: ``source``, ``kind`` or any envelope header; a list means any of.
 
@@ -191,6 +205,8 @@ class Route(Frozen):
     def matches(self, kind: str, source: str, headers: Mapping[str, str]) -> bool:
         for key, want in self.match.items():
             have = kind if key == "kind" else source if key == "source" else headers.get(key)
+            if have is None:
+                have = _header(headers, key)
             if have is None:
                 return False
             if have != want if isinstance(want, str) else have not in want:

@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from drivers import folder
-from gateway.config import parse_config
+from gateway.config import Route, parse_config
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError, TransientError
 from gateway.registry import PluginContext, Registry
@@ -167,3 +167,14 @@ def test_plugin_context_services_are_shared() -> None:
     ctx.services["x"] = 1
     assert PluginContext("s", "/tmp", None).services == {}
     assert ctx.services == {"x": 1}
+
+
+def test_route_keys_match_headers_by_loose_spelling() -> None:
+    headers = {"Modality": "CR", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1", "calling_ae": "CR1"}
+    assert Route(match={"modality": ["CR", "DX"]}, to=["x"]).matches("dicom", "s", headers)
+    assert Route(match={"sop_class_uid": "1.2.840.10008.5.1.4.1.1.1"}, to=["x"]).matches(
+        "dicom", "s", headers
+    )
+    assert Route(match={"CallingAE": "CR1"}, to=["x"]).matches("dicom", "s", headers)
+    assert not Route(match={"modality": "CT"}, to=["x"]).matches("dicom", "s", headers)
+    assert not Route(match={"station_name": "X"}, to=["x"]).matches("dicom", "s", headers)
