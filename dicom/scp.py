@@ -464,6 +464,7 @@ class DicomScp:
             as_file=True,
         )
         try:
+            envelope = self.intake.stage(envelope)  # the file is written in this thread
             accepted = run_in_loop(self.intake.accept(envelope), self._loop, timeout)
         except (JournalError, TimeoutError) as err:
             session.errors += 1

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 
 def new_id() -> str:
@@ -25,6 +26,13 @@ def new_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class StagedBlob(NamedTuple):
+    """A body already written to the journal's blob folder (``Journal.stage``)."""
+
+    rel: str
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,7 @@ class Envelope:
     id: str = field(default_factory=new_id)
     received_at: datetime = field(default_factory=utcnow)
     as_file: bool = False  # keep the body as a blob file whatever its size (DICOM)
+    staged: StagedBlob | None = None  # body already written as a blob file (see Journal.stage)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,12 @@ class Intake(Protocol):
         the commit (raises JournalError)."""
         ...
 
+    def stage(self, envelope: Envelope) -> Envelope:
+        """Write a large body to the journal's blob folder now, from the caller's own
+        thread (any thread); ``accept`` of the returned envelope then only commits.
+        Raises JournalError (DiskFullError below the disk watermark)."""
+        ...
+
     async def quarantine(
         self, source: str, raw: bytes, reason: str, peer: str = "", size: int | None = None
     ) -> int:

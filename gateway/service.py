@@ -91,6 +91,9 @@ class Gateway:
             self.pumps[dest].notify()
         return accepted
 
+    def stage(self, envelope: Envelope) -> Envelope:
+        return self.journal.stage(envelope)
+
     async def forward(self, seq: int, destinations: list[str]) -> None:
         """Deliver an envelope already journaled to more destinations (steps pass-through)."""
         await self.journal.add_deliveries(seq, destinations)

@@ -61,3 +61,27 @@ async def test_accepts_of_one_loop_iteration_share_one_commit(tmp_path: Path) ->
         assert journal.depth() == {"out": {"pending": 51}}
     finally:
         await asyncio.to_thread(journal.close)
+
+
+async def test_staged_blob_is_committed_by_accept_and_removed_when_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path).open()
+    try:
+        body = b"DICM" * 1000
+        first = await asyncio.to_thread(
+            journal.stage,
+            Envelope(kind="dicom", source="x", body=body, idem_key="sop:1", as_file=True),
+        )
+        assert first.staged is not None
+        assert (journal.blob_dir / first.staged.rel).read_bytes() == body
+        accepted = await journal.accept(first, ["pacs"])
+        assert accepted.duplicate_of is None
+        [pending] = journal.pending("pacs", limit=5)
+        assert pending.envelope.blob_path == journal.blob_dir / first.staged.rel
+        again = journal.stage(Envelope(kind="dicom", source="x", body=body, idem_key="sop:1"))
+        assert (await journal.accept(again, ["pacs"])).duplicate_of == first.id
+        assert again.staged is not None
+        assert not (journal.blob_dir / again.staged.rel).exists()
+    finally:
+        await asyncio.to_thread(journal.close)
