@@ -30,6 +30,7 @@ from pathlib import Path
 from gateway.envelope import Envelope
 from gateway.errors import JournalError
 from gateway.interfaces import Intake
+from gateway.journal import transaction
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +180,8 @@ class StudyStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.conn) as conn:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def record(self, instances: Iterable[Instance]) -> int:
         """Note instances (a resent one counts once); returns how many were new."""

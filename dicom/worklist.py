@@ -38,6 +38,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import generate_uid
 
 from gateway.errors import PermanentError, TransientError
+from gateway.journal import transaction
 from gateway.orders import ORDER_KIND, Order
 from gateway.registry import PluginContext, Registry
 from gateway.steps import AnyEnvelope
@@ -128,14 +129,8 @@ class WorklistStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._write_lock, self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._write_lock, self._connect() as conn, transaction(conn):
+            yield conn
 
     # -- writes -----------------------------------------------------------------------
 

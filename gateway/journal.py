@@ -181,6 +181,19 @@ def insert_envelope(
     return Accepted(env.id)
 
 
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any error) on an autocommit
+    connection; shared by the journal's CLI helpers and the plugins' own SQLite files."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def insert_sync(conn: sqlite3.Connection, env: Envelope, destinations: list[str]) -> Accepted:
     """Journal a small envelope from outside the service (CLI commands such as
     ``medgw dicom complete``), in its own transaction; a running gateway's delivery
@@ -188,14 +201,8 @@ def insert_sync(conn: sqlite3.Connection, env: Envelope, destinations: list[str]
     if env.as_file:
         raise ValueError("insert_sync keeps bodies inline; as_file envelopes need the service")
     digest = hashlib.sha256(env.body).hexdigest()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        accepted = insert_envelope(conn, env, destinations, digest=digest, blob=None)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return accepted
+    with transaction(conn):
+        return insert_envelope(conn, env, destinations, digest=digest, blob=None)
 
 
 _Item = tuple[_Op, asyncio.Future[Any]]
