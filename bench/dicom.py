@@ -28,6 +28,7 @@ receive and the ceiling once more under a per-thread CPU profiler (cProfile with
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import cProfile
@@ -263,7 +264,7 @@ def files_in(folder: Path) -> int:
         return 0
 
 
-class Receiver:
+class Receiver(abc.ABC):
     """One receiver process on a free loopback port, its data under ``dir``."""
 
     key = ""
@@ -280,8 +281,9 @@ class Receiver:
     def pid(self) -> int:
         return self.proc.pid if self.proc else 0
 
+    @abc.abstractmethod
     def argv(self) -> list[str]:
-        raise NotImplementedError
+        """The receiver's command line."""
 
     def env(self) -> dict[str, str] | None:
         return None
@@ -319,9 +321,9 @@ class Receiver:
     def stop(self) -> None:
         stop_pid(self.proc)
 
+    @abc.abstractmethod
     def count(self) -> int:
         """Instances stored (or, for the discard receiver, handled) so far."""
-        raise NotImplementedError
 
     def log_tail(self, lines: int = 15) -> str:
         with contextlib.suppress(OSError):
