@@ -397,6 +397,7 @@ class StoreLink:
         self._msg_id = self._msg_id % 0xFFFF + 1
         try:
             status = assoc.send_c_store(dataset, msg_id=self._msg_id)
+            _wait_reactor_resumed(assoc)
         except RuntimeError as err:  # the association ended between our check and the send
             self.drop()
             raise TransientError(f"association with {self.peer} ended: {err}") from err
@@ -503,6 +504,24 @@ class DicomStoreSender:
             log.warning("dicom.close_timeout destination=%s", self.cfg.id)
         finally:
             self._pool.shutdown(wait=False)
+
+
+REACTOR_RESUME_WAIT_S = 0.01
+
+
+def _wait_reactor_resumed(assoc: Any) -> None:
+    """Guard against a pynetdicom 3.0.4 race between back-to-back C-STOREs.
+
+    ``send_c_store`` resumes the association's reactor thread when it returns; the
+    next call trusts ``_is_paused``, still True until that thread runs again, so the
+    reactor can consume the next C-STORE-RSP ("Received unexpected C-STORE service
+    message") and the send then waits for the whole DIMSE timeout. Found by
+    bench/dicom.py: 4 stalls in 15,000 back-to-back sends, none in 12,000 with this
+    wait (at most 10 ms, normally a few microseconds).
+    """
+    deadline = time.monotonic() + REACTOR_RESUME_WAIT_S
+    while getattr(assoc, "_is_paused", False) and time.monotonic() < deadline:
+        time.sleep(0.00005)
 
 
 def _abort_quietly(assoc: Any) -> None:
