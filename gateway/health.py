@@ -68,8 +68,9 @@ class HttpEndpoints:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                await writer.drain()
         writer.close()
 
     def _route(self, method: str, path: str) -> tuple[int, str, bytes]:

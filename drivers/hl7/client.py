@@ -9,6 +9,7 @@ import socket
 from drivers.hl7.mllp import FrameReceived, MllpFramer, frame
 
 READ_SIZE = 64 * 1024
+CLOSE_TIMEOUT_S = 5.0
 
 
 class MllpClient:
@@ -45,8 +46,10 @@ class MllpClient:
         await self.connect()
         assert self._reader is not None and self._writer is not None
         self._writer.write(frame(message))
-        await self._writer.drain()
-        async with asyncio.timeout(timeout_s):  # no extra task per message, unlike wait_for
+        # one deadline for sending and the reply: a peer that stops reading cannot hold
+        # the worker (asyncio.timeout: no extra task per message, unlike wait_for)
+        async with asyncio.timeout(timeout_s):
+            await self._writer.drain()
             return await self._read_frame(self._reader)
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
@@ -60,7 +63,12 @@ class MllpClient:
 
     async def close(self) -> None:
         writer, self._reader, self._writer = self._writer, None, None
-        if writer is not None:
+        if writer is None:
+            return
+        if writer.transport.get_write_buffer_size():
+            writer.transport.abort()  # unsent data to a peer that stopped reading: drop it
+        else:
             writer.close()
-            with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await writer.wait_closed()

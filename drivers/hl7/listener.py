@@ -146,7 +146,12 @@ class MllpListener:
                 for reply in replies:
                     if reply is not None:
                         writer.write(frame(reply))
-                await writer.drain()
+                try:  # a sender that stops reading its ACKs gets dropped, not waited on
+                    async with asyncio.timeout(self.cfg.idle_timeout_s):
+                        await writer.drain()
+                except TimeoutError:
+                    log.warning("mllp.ack_not_read listener=%s peer=%s", self.id, peer)
+                    break
                 conn.busy = False
         except (ConnectionError, asyncio.CancelledError):
             pass
