@@ -17,7 +17,16 @@ from gateway.errors import TransientError
 from gateway.journal import fsync_dir, write_durably
 from gateway.registry import PluginContext, Registry
 
-EXTENSIONS = {"hl7": "hl7", "dicom": "dcm", "astm": "astm", "lab-result": "json"}
+EXTENSIONS = {"hl7": "hl7", "dicom": "dcm", "astm": "astm", "event": "json", "ai-result": "json"}
+# lab results: as the analyzer sent them, or normalized by map-codes
+LAB_EXTENSIONS = {"astm": "astm", "hl7": "hl7", "medgw-lab-report+json": "json"}
+
+
+def extension(envelope: StoredEnvelope) -> str:
+    if envelope.kind == "lab-result":
+        fmt = envelope.headers.get("format") or envelope.headers.get("protocol", "")
+        return LAB_EXTENSIONS.get(fmt, "bin")
+    return EXTENSIONS.get(envelope.kind, "bin")
 
 
 class FolderConfig(DestinationBase):
@@ -31,8 +40,7 @@ class FolderSender:
 
     async def send(self, envelope: StoredEnvelope) -> str:
         name = (
-            f"{envelope.received_at:%Y%m%dT%H%M%S}_{envelope.id}."
-            f"{EXTENSIONS.get(envelope.kind, 'bin')}"
+            f"{envelope.received_at:%Y%m%dT%H%M%S}_{envelope.id}.{extension(envelope)}"
         )
         try:
             await asyncio.to_thread(self._write, self.path / name, envelope.body)

@@ -186,14 +186,17 @@ class Route(Frozen):
 
     A route with ``steps`` hands the envelope to them (durably, retried like a
     delivery, in order unless ``delivery`` says otherwise); what the steps pass on
-    or produce goes to ``to``. Give such a route an ``id`` so that work pending
-    for it stays attached when routes are reordered.
+    or produce goes to ``to``, except what a step marks as a notification (header
+    ``notify: "true"``, e.g. an HL7 priority message for the RIS), which goes to
+    ``notify``. Give such a route an ``id`` so that work pending for it stays
+    attached when routes are reordered.
     """
 
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
     match: dict[str, MatchValue] = Field(default_factory=dict)
     steps: tuple[Annotated[Any, BeforeValidator(_step_ref)], ...] = ()
     to: list[str] = Field(default_factory=list)
+    notify: list[str] = Field(default_factory=list)
     delivery: DeliveryPolicy = DeliveryPolicy()
 
     @model_validator(mode="after")
@@ -214,6 +217,13 @@ class Route(Frozen):
         return True
 
 
+class ModelRef(Frozen):
+    """An AI model: its id (named by route steps) and its card (YAML beside the .onnx)."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    card: Path
+
+
 class GatewayConfig(Frozen):
     site: Site
     state_dir: Path = Path("./var")
@@ -223,7 +233,22 @@ class GatewayConfig(Frozen):
     listeners: tuple[Any, ...] = ()
     destinations: tuple[Any, ...] = ()
     routes: tuple[Route, ...] = ()
+    models: tuple[ModelRef, ...] = ()
     source_file: str = ""
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, v: tuple[ModelRef, ...]) -> tuple[ModelRef, ...]:
+        ids = [m.id for m in v]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"duplicate model id {dup[0]!r}")
+        return v
+
+    def model_cards(self) -> dict[str, Path]:
+        """Model id -> card path (relative paths from the config file's folder)."""
+        base = Path(self.source_file).parent if self.source_file else Path()
+        return {m.id: m.card if m.card.is_absolute() else base / m.card for m in self.models}
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -284,7 +309,11 @@ def _pydantic_problems(err: ValidationError, prefix: Loc, lines: Mapping[Loc, in
 
 
 def _typed_sections(
-    raw: object, section: str, kinds: Mapping[str, Kind], lines: Mapping[Loc, int]
+    raw: object,
+    section: str,
+    kinds: Mapping[str, Kind],
+    lines: Mapping[Loc, int],
+    context: dict[str, Any],
 ) -> tuple[list[Any], list[str]]:
     if raw is None:
         return [], []
@@ -304,7 +333,7 @@ def _typed_sections(
             )
             continue
         try:
-            models.append(kinds[str(type_)].model.model_validate(item))
+            models.append(kinds[str(type_)].model.model_validate(item, context=context))
         except ValidationError as err:
             problems.extend(_pydantic_problems(err, loc, lines))
     return models, problems
@@ -342,16 +371,17 @@ def _cross_check(
     listener_ids = {item_id for _, item_id in _raw_ids(raw, "listeners")}
     dest_ids = {item_id for _, item_id in _raw_ids(raw, "destinations")}
     for r, route in enumerate(cfg.routes):
-        for j, dest in enumerate(route.to):
-            if dest not in dest_ids:
-                known = ", ".join(sorted(dest_ids)) or "none"
-                problems.append(
-                    _problem(
-                        ("routes", r, "to", j),
-                        f"unknown destination {dest!r} (known: {known})",
-                        lines,
+        for field_name in ("to", "notify"):
+            for j, dest in enumerate(getattr(route, field_name)):
+                if dest not in dest_ids:
+                    known = ", ".join(sorted(dest_ids)) or "none"
+                    problems.append(
+                        _problem(
+                            ("routes", r, field_name, j),
+                            f"unknown destination {dest!r} (known: {known})",
+                            lines,
+                        )
                     )
-                )
         sources = route.match.get("source")
         for src in [sources] if isinstance(sources, str) else sources or []:
             if src not in listener_ids:
@@ -393,9 +423,15 @@ def parse_config(text: str, registry: Registry, source: str = "<string>") -> Gat
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: the file must be a YAML mapping (site:, listeners:, ...)"])
 
-    listeners, p1 = _typed_sections(raw.get("listeners"), "listeners", registry.listeners, lines)
+    # plugins' validators may read files beside the config (analyzer profiles)
+    context: dict[str, Any] = {
+        "config_dir": str(Path(source).parent) if source != "<string>" else None
+    }
+    listeners, p1 = _typed_sections(
+        raw.get("listeners"), "listeners", registry.listeners, lines, context
+    )
     destinations, p2 = _typed_sections(
-        raw.get("destinations"), "destinations", registry.destinations, lines
+        raw.get("destinations"), "destinations", registry.destinations, lines, context
     )
     problems += p1 + p2
     rest = {k: v for k, v in raw.items() if k not in ("listeners", "destinations")}
@@ -411,7 +447,9 @@ def parse_config(text: str, registry: Registry, source: str = "<string>") -> Gat
     except ValidationError as err:
         problems += _pydantic_problems(err, (), lines)
         raise ConfigError(problems) from err
-    cfg, step_problems = _typed_steps(cfg, registry, lines)
+    # steps may name AI models: they see the configured ones (id -> card path)
+    context["models"] = cfg.model_cards()
+    cfg, step_problems = _typed_steps(cfg, registry, lines, context)
     problems += step_problems
     problems += _cross_check(cfg, raw, lines, registry)
     if problems:
@@ -441,7 +479,7 @@ def _unknown_steps(route: Route, r: int, lines: Mapping[Loc, int], registry: Reg
 
 
 def _typed_steps(
-    cfg: GatewayConfig, registry: Registry, lines: Mapping[Loc, int]
+    cfg: GatewayConfig, registry: Registry, lines: Mapping[Loc, int], context: dict[str, Any]
 ) -> tuple[GatewayConfig, list[str]]:
     """Validate each step's parameters with the model its name registered."""
     problems: list[str] = []
@@ -454,7 +492,7 @@ def _typed_steps(
                 refs.append((name, params))
                 continue
             try:
-                refs.append(StepRef(name, kind.model.model_validate(params)))
+                refs.append(StepRef(name, kind.model.model_validate(params, context=context)))
             except ValidationError as err:
                 problems += _pydantic_problems(err, ("routes", r, "steps", j, name), lines)
         routes.append(route.model_copy(update={"steps": tuple(refs)}))

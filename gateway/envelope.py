@@ -55,6 +55,10 @@ class Envelope:
     received_at: datetime = field(default_factory=utcnow)
     as_file: bool = False  # keep the body as a blob file whatever its size (DICOM)
     staged: StagedBlob | None = None  # body already written as a blob file (see Journal.stage)
+    # the key alone identifies the message (it is built from the content, e.g. lab results:
+    # analyzer + sample + tests + values + result times), so a resend whose bytes differ
+    # only in framing or a header time is still a duplicate
+    dedupe_on_key: bool = False
 
 
 @dataclass(frozen=True, slots=True)

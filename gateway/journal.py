@@ -145,13 +145,19 @@ def insert_envelope(
     """Insert ``env`` and its pending deliveries (inside the caller's transaction).
 
     The same idempotency key with the same digest is a retransmission: nothing is
-    written and the first envelope's id comes back as ``duplicate_of``.
+    written and the first envelope's id comes back as ``duplicate_of``. With
+    ``env.dedupe_on_key`` the key alone decides (its producer put the content in it).
     """
     if env.idem_key is not None:
-        dup = conn.execute(
-            "SELECT id FROM envelopes WHERE idem_key = ? AND digest = ? LIMIT 1",
-            (env.idem_key, digest),
-        ).fetchone()
+        if env.dedupe_on_key:
+            dup = conn.execute(
+                "SELECT id FROM envelopes WHERE idem_key = ? LIMIT 1", (env.idem_key,)
+            ).fetchone()
+        else:
+            dup = conn.execute(
+                "SELECT id FROM envelopes WHERE idem_key = ? AND digest = ? LIMIT 1",
+                (env.idem_key, digest),
+            ).fetchone()
         if dup:
             return Accepted(env.id, duplicate_of=dup[0])
     headers = json.dumps(env.headers, separators=(",", ":"), ensure_ascii=False)

@@ -32,6 +32,7 @@ class PluginContext:
     metrics: Any  # gateway.metrics.Metrics
     # objects plugins share (a worklist store used by a step and a listener, ...)
     services: dict[str, Any] = field(default_factory=dict)
+    config_dir: str = ""  # folder of the config file (site analyzer profiles live beside it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig, route_key
@@ -66,7 +67,9 @@ class Gateway:
 
     async def accept(self, envelope: Envelope, destinations: list[str] | None = None) -> Accepted:
         """Journal ``envelope`` for the routed destinations (or the ones given, for
-        what a route's steps produce) and wake their delivery pumps."""
+        what a route's steps produce; ``[]`` keeps it for the record only, e.g. an
+        analyzer's host query) and wake their delivery pumps."""
+        routed = destinations is None
         if destinations is None:
             destinations = self.router.destinations(envelope)
         accepted = await self.journal.accept(envelope, destinations)
@@ -79,8 +82,9 @@ class Gateway:
                 envelope.idem_key,
             )
             return accepted
-        self.metrics.received(envelope.source)
-        if not destinations:
+        if routed:  # what steps derive is not counted again as received
+            self.metrics.received(envelope.source)
+        if not destinations and routed:
             log.warning(
                 "message.unrouted source=%s kind=%s envelope=%s",
                 envelope.source,
@@ -124,7 +128,12 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain and return."""
-        ctx = PluginContext(self.cfg.site.id, str(self.cfg.state_dir), self.metrics)
+        ctx = PluginContext(
+            self.cfg.site.id,
+            str(self.cfg.state_dir),
+            self.metrics,
+            config_dir=config_dir(self.cfg.source_file),
+        )
         async with AsyncExitStack() as base:
             await base.enter_async_context(self.journal)
             self.metrics.watch_queue(self.journal.depth, self.journal.oldest_pending, time.time)
@@ -145,6 +154,7 @@ class Gateway:
                         [self.registry.steps[s.name].factory(s.params, ctx) for s in route.steps],
                         list(route.to),
                         self,
+                        notify=list(route.notify),
                     )
                     self.pumps[chain.id] = DestinationPump(
                         chain, route.delivery, self.journal, self.metrics
@@ -172,6 +182,7 @@ class Gateway:
                 # listeners are closed here: nothing new comes in
                 await asyncio.gather(*(p.stop(self.drain_grace_s) for p in self.pumps.values()))
                 watchdog.cancel()
+            close_services(ctx.services)
         log.info("gateway.stopped")
 
     async def _watchdog(self) -> None:
@@ -216,6 +227,22 @@ class Gateway:
         }
         code = 200 if self.ready.is_set() and not self.stopping else 503
         return code, doc
+
+
+def close_services(services: dict[str, Any]) -> None:
+    """Close what plugins shared (stores, model sessions) once nothing uses them."""
+    for name, service in services.items():
+        close = getattr(service, "close", None)
+        if callable(close) and not asyncio.iscoroutinefunction(close):
+            try:
+                close()
+            except Exception:
+                log.exception("gateway.close_failed service=%s", name)
+
+
+def config_dir(source_file: str) -> str:
+    """The folder of the config file ("" when it came from a string)."""
+    return str(Path(source_file).parent) if source_file and source_file != "<string>" else ""
 
 
 def _iso(ts: float) -> str | None:

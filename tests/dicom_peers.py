@@ -284,7 +284,7 @@ class Running:
         return sorted(self.outbox.glob("*.dcm")) if self.outbox.exists() else []
 
     def event_files(self) -> list[Path]:
-        return sorted(self.events.glob("*.bin")) if self.events.exists() else []
+        return sorted(self.events.glob("*.json")) if self.events.exists() else []
 
 
 @asynccontextmanager

@@ -207,6 +207,17 @@ async def test_same_key_different_bytes_is_new(journal: Journal) -> None:
     assert count(journal, "deliveries") == 2
 
 
+async def test_content_key_deduplicates_whatever_the_bytes(journal: Journal) -> None:
+    """Lab results: the key holds sample, tests, values and times; a resend whose header
+    time changed is still the same results."""
+    first = await journal.accept(env(b"H|t1\rR|1\r", idem="lab:k", dedupe_on_key=True), ["lis"])
+    again = await journal.accept(env(b"H|t2\rR|1\r", idem="lab:k", dedupe_on_key=True), ["lis"])
+    assert again.duplicate_of == first.id
+    other = await journal.accept(env(b"H|t2\rR|1\r", idem="lab:k2", dedupe_on_key=True), ["lis"])
+    assert other.duplicate_of is None
+    assert count(journal, "envelopes") == 2
+
+
 async def test_no_key_never_deduplicates(journal: Journal) -> None:
     await journal.accept(env(b"MSH|same"), ["outbox"])
     accepted = await journal.accept(env(b"MSH|same"), ["outbox"])

@@ -14,11 +14,11 @@ from pydantic import BaseModel
 
 from drivers import folder
 from gateway.config import Route, parse_config
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, StoredEnvelope, utcnow
 from gateway.errors import ConfigError, TransientError
 from gateway.registry import PluginContext, Registry
 from gateway.service import Gateway
-from gateway.steps import AnyEnvelope
+from gateway.steps import AnyEnvelope, StepChain
 
 
 class UpperParams(BaseModel):
@@ -178,3 +178,64 @@ def test_route_keys_match_headers_by_loose_spelling() -> None:
     assert Route(match={"CallingAE": "CR1"}, to=["x"]).matches("dicom", "s", headers)
     assert not Route(match={"modality": "CT"}, to=["x"]).matches("dicom", "s", headers)
     assert not Route(match={"station_name": "X"}, to=["x"]).matches("dicom", "s", headers)
+
+
+class Marked:
+    """Derives one envelope per destination class: plain, notification, routed event."""
+
+    async def run(self, envelope: AnyEnvelope) -> Sequence[AnyEnvelope]:
+        def derived(**headers: str) -> Envelope:
+            return Envelope(kind="x", source=envelope.source, body=b"d", headers=headers)
+
+        return [envelope, derived(), derived(notify="true"), derived(route="true")]
+
+
+async def test_derived_envelopes_go_to_to_notify_or_the_routing_table() -> None:
+    calls: list[tuple[str, object]] = []
+
+    class Recorder:
+        async def accept(self, envelope: Envelope, destinations: list[str] | None = None) -> None:
+            calls.append(
+                (envelope.headers.get("notify", envelope.headers.get("route", "")), destinations)
+            )
+
+        async def forward(self, seq: int, destinations: list[str]) -> None:
+            calls.append(("forward", destinations))
+
+    chain = StepChain("steps:t", [Marked()], ["pacs"], Recorder(), notify=["ris"])
+    stored = StoredEnvelope("id1", 1, "dicom", "scp", {}, None, None, utcnow(), b"orig")
+    await chain.send(stored)
+    assert calls == [
+        ("forward", ["pacs"]),
+        ("", ["pacs"]),
+        ("true", ["ris"]),
+        ("true", None),
+    ]
+
+
+class PassesFirst:
+    passes_first = True
+
+    def __init__(self, calls: list[tuple[str, object]]) -> None:
+        self.calls = calls
+
+    async def run(self, envelope: AnyEnvelope) -> Sequence[AnyEnvelope]:
+        self.calls.append(("step ran", None))
+        return [envelope]
+
+
+async def test_a_step_that_always_passes_its_input_lets_it_go_first() -> None:
+    """ai-triage: the original is forwarded before the model runs, never after."""
+    calls: list[tuple[str, object]] = []
+
+    class Recorder:
+        async def accept(self, envelope: Envelope, destinations: list[str] | None = None) -> None:
+            calls.append(("accept", destinations))
+
+        async def forward(self, seq: int, destinations: list[str]) -> None:
+            calls.append(("forward", destinations))
+
+    chain = StepChain("steps:t", [PassesFirst(calls)], ["pacs"], Recorder())
+    stored = StoredEnvelope("id1", 1, "dicom", "scp", {}, None, None, utcnow(), b"orig")
+    await chain.send(stored)
+    assert calls == [("forward", ["pacs"]), ("step ran", None)]

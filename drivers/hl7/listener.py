@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from drivers.hl7.ack import build_ack
 from drivers.hl7.message import Hl7Error, Msh, decode_message, parse_msh
@@ -67,11 +68,22 @@ class _Connection:
     messages: int = 0  # frames received on it, for the one INFO line at disconnect
 
 
+class MessageHooks(Protocol):
+    """Takes over well-formed messages (an analyzer's profile): returns the replies."""
+
+    async def handle(
+        self, raw: bytes, msh: Msh, *, codec: str, base: Envelope, intake: Intake, peer: str
+    ) -> list[bytes]: ...
+
+
 class MllpListener:
-    def __init__(self, cfg: MllpListenerSettings, intake: Intake) -> None:
+    def __init__(
+        self, cfg: MllpListenerSettings, intake: Intake, hooks: MessageHooks | None = None
+    ) -> None:
         self.id = cfg.id
         self.cfg = cfg
         self.intake = intake
+        self.hooks = hooks
         self._server: asyncio.Server | None = None
         self._conns: dict[int, _Connection] = {}
         self._closing = False
@@ -144,8 +156,8 @@ class MllpListener:
                 else:
                     replies = await asyncio.gather(*(self._handle(ev, peer) for ev in events))
                 for reply in replies:
-                    if reply is not None:
-                        writer.write(frame(reply))
+                    for message in reply:
+                        writer.write(frame(message))
                 try:  # a sender that stops reading its ACKs gets dropped, not waited on
                     async with asyncio.timeout(self.cfg.idle_timeout_s):
                         await writer.drain()
@@ -171,7 +183,7 @@ class MllpListener:
                 "mllp.disconnected listener=%s peer=%s messages=%d", self.id, peer, conn.messages
             )
 
-    async def _handle(self, event: FramerEvent, peer: str) -> bytes | None:
+    async def _handle(self, event: FramerEvent, peer: str) -> list[bytes]:
         if isinstance(event, FrameReceived):
             return await self._message(event.data, peer)
         if isinstance(event, JunkReceived):
@@ -182,23 +194,27 @@ class MllpListener:
                 peer,
                 size=event.size,
             )
-            return None
+            return []
         if isinstance(event, FrameTruncated):
             reason = "truncated: frame ended by a new start block before its end block"
-            return await self._reject(
-                event.data, peer, Hl7Error(reason, ack_code="AR", error_code="100")
-            )
+            return [
+                await self._reject(
+                    event.data, peer, Hl7Error(reason, ack_code="AR", error_code="100")
+                )
+            ]
         if isinstance(event, FrameTooLarge):
             reason = (
                 f"too large: {event.size} bytes exceeds max_message_bytes "
                 f"{self.cfg.max_message_bytes}"
             )
-            return await self._reject(
-                event.head,
-                peer,
-                Hl7Error(reason, ack_code="AR", error_code="207"),
-                size=event.size,
-            )
+            return [
+                await self._reject(
+                    event.head,
+                    peer,
+                    Hl7Error(reason, ack_code="AR", error_code="207"),
+                    size=event.size,
+                )
+            ]
         raise TypeError(f"unexpected framer event {event!r}")
 
     async def _reject(self, raw: bytes, peer: str, err: Hl7Error, size: int | None = None) -> bytes:
@@ -211,15 +227,22 @@ class MllpListener:
             msh, err.ack_code, control_id=new_id()[:20], timestamp=hl7_timestamp(), error=err
         )
 
-    async def _message(self, raw: bytes, peer: str) -> bytes:
+    async def _message(self, raw: bytes, peer: str) -> list[bytes]:
         try:
             msh = parse_msh(raw)
             _, codec = decode_message(
-                raw, msh, encoding=self.cfg.encoding, fallback=self.cfg.fallback_encoding
+                raw, msh, encoding=self.cfg.forced_encoding, fallback=self.cfg.fallback_encoding
             )
         except Hl7Error as err:
-            return await self._reject(raw, peer, err)
+            return [await self._reject(raw, peer, err)]
         env = envelope_for(raw, msh, self.id, codec)
+        if self.hooks is not None:
+            return await self.hooks.handle(
+                raw, msh, codec=codec, base=env, intake=self.intake, peer=peer
+            )
+        return [await self._store(raw, msh, env)]
+
+    async def _store(self, raw: bytes, msh: Msh, env: Envelope) -> bytes:
         try:
             accepted = await self.intake.accept(env)
         except JournalError as err:

@@ -12,7 +12,14 @@ from gateway.registry import PluginContext, Registry
 
 def register(registry: Registry) -> None:
     def listener(cfg: MllpListenerSettings, intake: Intake, ctx: PluginContext) -> MllpListener:
-        return MllpListener(cfg, intake)
+        if cfg.profile is None:
+            return MllpListener(cfg, intake)
+        from drivers.lab.hl7_analyzer import Hl7AnalyzerHooks  # noqa: PLC0415
+        from drivers.lab.order_store import order_store  # noqa: PLC0415
+
+        store = order_store(ctx) if cfg.profile.orders != "none" else None
+        hooks = Hl7AnalyzerHooks(cfg.id, cfg.profile, store, ctx.site_id)
+        return MllpListener(cfg, intake, hooks)
 
     def destination(cfg: MllpDestinationSettings, ctx: PluginContext) -> MllpDestination:
         return MllpDestination(cfg)

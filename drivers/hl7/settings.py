@@ -5,8 +5,9 @@ from __future__ import annotations
 import codecs
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
+from drivers.lab.profiles import Profile, ProfileError, find_profile
 from gateway.config import DestinationBase, EndpointField, ListenerBase
 
 
@@ -20,7 +21,9 @@ def _known_codec(value: str | None) -> str | None:
 
 
 class MllpListenerSettings(ListenerBase):
-    """``encoding``: force one (else MSH-18 decides, else ``fallback_encoding``)."""
+    """``encoding``: force one (else MSH-18 decides, else ``fallback_encoding``).
+    ``profile``: an HL7 analyzer's profile (``medgw drivers list``): results become
+    ``lab-result`` envelopes and its host queries are answered from the lab orders."""
 
     type: Literal["hl7-mllp"]
     listen: EndpointField
@@ -30,8 +33,33 @@ class MllpListenerSettings(ListenerBase):
     max_connections: int = Field(default=64, ge=1)
     idle_timeout_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=10.0, gt=0)
+    profile: Profile | None = None
 
     _codec = field_validator("encoding", "fallback_encoding")(_known_codec)
+
+    @property
+    def forced_encoding(self) -> str | None:
+        """``encoding``, else the profile's when it says to ignore MSH-18."""
+        if self.encoding or self.profile is None:
+            return self.encoding
+        return self.profile.encoding if self.profile.hl7_behaviour.force_encoding else None
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _profile(cls, value: object, info: ValidationInfo) -> Profile | None:
+        if value is None or isinstance(value, Profile):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("expected a profile name (see `medgw drivers list`)")  # noqa: TRY004
+        try:
+            profile = find_profile(value, (info.context or {}).get("config_dir"))
+        except ProfileError as err:
+            raise ValueError(str(err)) from None
+        if profile.protocol != "hl7":
+            raise ValueError(
+                f"profile {profile.name!r} is for ASTM analyzers (use type: astm with it)"
+            )
+        return profile
 
 
 class MllpDestinationSettings(DestinationBase):
