@@ -212,7 +212,7 @@ class StoreLink:
     # -- association --------------------------------------------------------------------
 
     def ensure(self, pair: Pair) -> Any:
-        if self.assoc is not None and not self.assoc.is_established:
+        if self.assoc is not None and _association_dead(self.assoc):
             log.info("dicom.association_lost destination=%s peer=%s", self.cfg.id, self.peer)
             self.drop()
         if self.assoc is not None and pair not in self.proposed:
@@ -467,11 +467,28 @@ class DicomStoreSender:
         self._cancel_idle()
         loop = asyncio.get_running_loop()
         self._inflight = self._pool.submit(self.link.store, envelope.blob_path, envelope.body)
+        done = asyncio.wrap_future(self._inflight)
         try:
-            return await asyncio.wrap_future(self._inflight)
+            while True:  # wake a store that waits on an association that already died
+                finished, _ = await asyncio.wait({done}, timeout=LOST_CHECK_S)
+                if finished:
+                    return done.result()
+                self._wake_if_lost()
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
         finally:
             if self.cfg.idle_release_s is not None and not self._closed:
                 self._idle = loop.call_later(self.cfg.idle_release_s, self._on_idle)
+
+    def _wake_if_lost(self) -> None:
+        assoc = self.link.assoc
+        if assoc is None or not _association_dead(assoc):
+            return
+        log.warning(
+            "dicom.association_lost_in_flight destination=%s peer=%s", self.cfg.id, self.link.peer
+        )
+        _wake_blocked_send(assoc)
 
     def _busy(self) -> bool:
         return self._inflight is not None and not self._inflight.done()
@@ -522,6 +539,36 @@ def _wait_reactor_resumed(assoc: Any) -> None:
     deadline = time.monotonic() + REACTOR_RESUME_WAIT_S
     while getattr(assoc, "_is_paused", False) and time.monotonic() < deadline:
         time.sleep(0.00005)
+
+
+LOST_CHECK_S = 1.0  # how often a send in flight checks its association is still there
+
+
+def _association_dead(assoc: Any) -> bool:
+    """Aborted, no longer established, or its reactor or DUL thread has ended."""
+    return bool(
+        assoc.is_aborted
+        or not assoc.is_established
+        or not assoc.is_alive()
+        or not assoc.dul.is_alive()
+    )
+
+
+def _wake_blocked_send(assoc: Any) -> None:
+    """Unblock a ``send_c_store`` on an association that died before it started.
+
+    pynetdicom 3.0.4 race (found by the Orthanc kill test under load): the peer's
+    abort puts ``(None, None)`` on the DIMSE queue, the reactor takes it off with its
+    own non-blocking read and only then marks the association not established; a
+    send that checked ``is_established`` in between waits the whole DIMSE timeout
+    for a response that cannot come, or spins forever waiting for the dead reactor
+    to pause. Marking the reactor paused and queueing ``(None, None)`` again makes
+    that send return "no response" at once; the association is dropped after it.
+    """
+    if not assoc.is_alive():
+        assoc._is_paused = True  # the dead reactor cannot say so itself
+    with contextlib.suppress(Exception):
+        assoc.dimse.msg_queue.put((None, None))
 
 
 def _abort_quietly(assoc: Any) -> None:

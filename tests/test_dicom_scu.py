@@ -546,6 +546,44 @@ async def test_abort_mid_association_retries_on_a_new_one(
     assert dest.senders[0].associations == 2 and pacs.connections == 2
 
 
+async def test_send_on_an_association_that_dies_unnoticed_fails_fast(pacs: ScriptedPacs) -> None:
+    """The pynetdicom race behind a CI stall, made deterministic: the PACS aborts right
+    after ``ensure()`` found the association alive, the reactor takes the wake-up off the
+    DIMSE queue, and pynetdicom's own establishment check still passes. Without the
+    watchdog the send waits the whole 60 s DIMSE timeout (or spins on the dead reactor)."""
+    path = sample_file("CT_small.dcm")
+    sender = DicomStoreSender(store_config(pacs.port, dimse_timeout_s=60))
+    real_ensure = sender.link.ensure
+    armed, killed = [False], []
+
+    def ensure_then_die(pair: tuple[str, str]) -> Any:
+        assoc = real_ensure(pair)
+        if armed[0] and not killed:
+            killed.append(assoc)
+            for peer_side in pacs.server.active_associations:
+                peer_side.abort()
+            deadline = time.monotonic() + 10
+            while assoc.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            while not assoc.dimse.msg_queue.empty():  # the reactor ate the wake-up
+                assoc.dimse.msg_queue.get_nowait()
+            assoc.is_aborted, assoc.is_established = False, True  # not yet marked
+        return assoc
+
+    sender.link.ensure = ensure_then_die  # type: ignore[method-assign]
+    try:
+        assert await sender.send(envelope(path)) == "0x0000"
+        armed[0] = True
+        async with asyncio.timeout(20):  # a third of the DIMSE timeout
+            with pytest.raises(TransientError, match="no C-STORE response"):
+                await sender.send(envelope(path))
+        assert not killed[0].is_alive()
+        assert await sender.send(envelope(path)) == "0x0000"  # on a fresh association
+        assert sender.associations == 2
+    finally:
+        await sender.aclose()
+
+
 async def test_no_response_within_dimse_timeout_is_transient(pacs: ScriptedPacs) -> None:
     path = sample_file("CT_small.dcm")
     slow = [True]
