@@ -217,6 +217,63 @@ class Route(Frozen):
         return True
 
 
+class Mqtt(Frozen):
+    """Fleet telemetry to the province's MQTT broker (gateway/telemetry.py)."""
+
+    url: str = Field(pattern=r"^mqtts?://[^/:]+(:\d+)?/?$")  # mqtt://host:1883, mqtts://host:8883
+    topic_prefix: str = Field(min_length=1, pattern=r"^[^#+\s]+$")  # medgw/<province>/<site>
+    client_id: str | None = None  # default: medgw-<site id>
+    username: str | None = None
+    username_file: Path | None = None  # secrets from files / systemd credentials
+    password_file: Path | None = None
+    ca_file: Path | None = None  # mqtts: the broker's CA (default: the system's)
+    cert_file: Path | None = None  # mqtts with a client certificate
+    key_file: Path | None = None
+    patient_ids: str = Field(default="hashed", pattern="^(none|hashed|plain)$")
+    hash_salt_file: Path | None = None  # default salt: the site id
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    state_interval_s: float = Field(default=30.0, gt=0)  # listener/destination state
+    buffer_max: int = Field(default=100_000, ge=100)  # events kept while the broker is away
+    events: tuple[str, ...] | None = None  # only these event kinds (default: all)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Mqtt:
+        if self.username and self.username_file:
+            raise ValueError("give username or username_file, not both")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.url.startswith("mqtt://") and (self.ca_file or self.cert_file):
+            raise ValueError("ca_file / cert_file need an mqtts:// url")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    @property
+    def endpoint(self) -> Endpoint:
+        rest = self.url.split("://", 1)[1].rstrip("/")
+        host, _, port = rest.partition(":")
+        return Endpoint(host, int(port) if port else (8883 if self.tls else 1883))
+
+
+class Syslog(Frozen):
+    """Where audit records go as RFC 5424 syslog (IHE ATNA style)."""
+
+    url: str = Field(pattern=r"^(udp|tcp|tls)://[^/:]+:\d+$")  # tls://collector:6514
+    ca_file: Path | None = None
+    app_name: str = "medgw"
+
+
+class Audit(Frozen):
+    """The append-only audit trail (gateway/audit.py)."""
+
+    enabled: bool = True
+    retention_days: int = Field(default=365, ge=1)
+    patient_ids: str = Field(default="plain", pattern="^(none|hashed|plain)$")
+    syslog: Syslog | None = None
+
+
 class ModelRef(Frozen):
     """An AI model: its id (named by route steps) and its card (YAML beside the .onnx)."""
 
@@ -230,6 +287,8 @@ class GatewayConfig(Frozen):
     http: Http = Http()
     journal: JournalSettings = JournalSettings()
     logging: Logging = Logging()
+    mqtt: Mqtt | None = None
+    audit: Audit = Audit()
     listeners: tuple[Any, ...] = ()
     destinations: tuple[Any, ...] = ()
     routes: tuple[Route, ...] = ()

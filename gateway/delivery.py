@@ -17,10 +17,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gateway.config import DeliveryPolicy
 from gateway.envelope import StoredEnvelope
 from gateway.errors import PermanentError, TransientError
+from gateway.events import EventBus, ids_from_headers
 from gateway.interfaces import Destination, Sender
 from gateway.journal import Journal, Pending
 from gateway.metrics import Metrics
@@ -121,8 +123,10 @@ class DestinationPump:
         metrics: Metrics,
         *,
         rng: random.Random | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.destination = destination
+        self.events = events  # None for a route's step chain: only real deliveries report
         self.id = destination.id
         self.policy = policy
         self.journal = journal
@@ -249,12 +253,23 @@ class DestinationPump:
             return self._failed(env, attempts, TransientError(f"sender error: {err!r}"))
         if self.breaker.succeeded():
             log.warning("destination.up destination=%s", self.id)
+            self._emit("destination.up")
         now = time.time()
         self.state.last_success_at = now
         self.state.delivered += 1
         self.metrics.delivered(self.id, now - env.received_at.timestamp())
         log.debug("delivery.done destination=%s envelope=%s ack=%s", self.id, env.id, confirmation)
+        self._emit("message.delivered", env, detail={"confirmation": confirmation})
         return None, self.journal.mark_done(self.id, env.seq, confirmation)
+
+    def _emit(self, event: str, env: StoredEnvelope | None = None, **fields: Any) -> None:
+        if self.events is None:
+            return
+        if env is not None:
+            fields.update(
+                source=env.source, envelope=env.id, kind=env.kind, ids=ids_from_headers(env.headers)
+            )
+        self.events.emit(event, destination=self.id, **fields)
 
     def _failed(
         self, env: StoredEnvelope, attempts: int, err: BaseException
@@ -266,6 +281,7 @@ class DestinationPump:
         self.metrics.failed(self.id)
         if self.breaker.failed():
             log.warning("destination.down destination=%s error=%r", self.id, text)
+            self._emit("destination.down", outcome="failed", detail={"error": text})
         limit = self.policy.max_attempts
         if isinstance(err, PermanentError) or (limit is not None and attempts >= limit):
             log.error(
@@ -276,6 +292,7 @@ class DestinationPump:
                 text,
             )
             self.metrics.dead(self.id)
+            self._emit("message.dead", env, outcome="failed", detail={"error": text})
             return None, self.journal.mark_failed(
                 self.id, env.seq, error=text, next_at=now, dead=True
             )

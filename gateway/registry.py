@@ -33,6 +33,7 @@ class PluginContext:
     # objects plugins share (a worklist store used by a step and a listener, ...)
     services: dict[str, Any] = field(default_factory=dict)
     config_dir: str = ""  # folder of the config file (site analyzer profiles live beside it)
+    events: Any = None  # gateway.events.EventBus: operational events (ai.flagged, ...)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from typing import Any
 from gateway.config import GatewayConfig, route_key
 from gateway.delivery import DestinationPump
 from gateway.envelope import Envelope
+from gateway.events import EventBus, ids_from_headers
 from gateway.health import HttpEndpoints
 from gateway.interfaces import Accepted
 from gateway.journal import Journal
@@ -50,6 +51,7 @@ class Gateway:
         self.notifier = notifier or Notifier()
         self.drain_grace_s = drain_grace_s
         self.metrics = Metrics()
+        self.events = EventBus()
         self.journal = Journal(
             cfg.state_dir,
             inline_max_bytes=cfg.journal.inline_max_bytes,
@@ -75,6 +77,7 @@ class Gateway:
         accepted = await self.journal.accept(envelope, destinations)
         if accepted.duplicate_of:
             self.metrics.duplicate(envelope.source)
+            self._emit_intake("message.duplicate", envelope, outcome="duplicate")
             log.info(
                 "message.duplicate source=%s envelope=%s key=%s",
                 envelope.source,
@@ -84,6 +87,7 @@ class Gateway:
             return accepted
         if routed:  # what steps derive is not counted again as received
             self.metrics.received(envelope.source)
+            self._emit_intake("message.received", envelope, detail={"to": destinations})
         if not destinations and routed:
             log.warning(
                 "message.unrouted source=%s kind=%s envelope=%s",
@@ -94,6 +98,18 @@ class Gateway:
         for dest in destinations:
             self.pumps[dest].notify()
         return accepted
+
+    def _emit_intake(self, event: str, envelope: Envelope, **fields: Any) -> None:
+        headers = envelope.headers
+        self.events.emit(
+            event,
+            source=envelope.source,
+            envelope=envelope.id,
+            kind=envelope.kind,
+            peer=headers.get("calling_ae") or headers.get("peer", ""),
+            ids=ids_from_headers(headers),
+            **fields,
+        )
 
     def stage(self, envelope: Envelope) -> Envelope:
         return self.journal.stage(envelope)
@@ -108,12 +124,27 @@ class Gateway:
         self, source: str, peer: str, started_at: float, ended_at: float, details: dict[str, Any]
     ) -> None:
         await self.journal.record_session(source, peer, started_at, ended_at, details)
+        self.events.emit(
+            "session.ended",
+            at=ended_at,
+            source=source,
+            peer=peer,
+            outcome="failed" if details.get("errors") else "ok",
+            detail={"started_at": started_at, **details},
+        )
 
     async def quarantine(
         self, source: str, raw: bytes, reason: str, peer: str = "", size: int | None = None
     ) -> int:
         self.metrics.rejected(source, reason.split(":", 1)[0][:40])
         qid = await self.journal.quarantine(source, raw, reason, peer, size)
+        self.events.emit(
+            "message.quarantined",
+            source=source,
+            peer=peer,
+            outcome="refused",
+            detail={"quarantine_id": qid, "reason": reason[:200]},
+        )
         log.warning(
             "message.quarantined source=%s peer=%s id=%d size=%d reason=%r",
             source,
@@ -133,6 +164,7 @@ class Gateway:
             str(self.cfg.state_dir),
             self.metrics,
             config_dir=config_dir(self.cfg.source_file),
+            events=self.events,
         )
         async with AsyncExitStack() as base:
             await base.enter_async_context(self.journal)
@@ -145,7 +177,7 @@ class Gateway:
             for dcfg in self.cfg.destinations:
                 destination = self.registry.destinations[dcfg.type].factory(dcfg, ctx)
                 self.pumps[dcfg.id] = DestinationPump(
-                    destination, dcfg.delivery, self.journal, self.metrics
+                    destination, dcfg.delivery, self.journal, self.metrics, events=self.events
                 )
             for i, route in enumerate(self.cfg.routes):
                 if route.steps:
