@@ -3,7 +3,8 @@
 The one place where pynetdicom's threads meet the gateway's event loop
 (:func:`run_in_loop`, STYLE.md rule 4), the presentation contexts medgw
 accepts, the association server class (TCP_NODELAY on every accepted socket,
-IP allow-list checked before a byte is read), and AE title / address parsing.
+IP allow-list checked before a byte is read, then the TLS handshake when the
+listener has a TLS context), and AE title / address parsing.
 
 Costs behind the defaults (ARCHITECTURE.md, "Costs"): Nagle's algorithm on the
 *sending* side costs 8x here on 40 kB instances (storescu without TCP_NODELAY:
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import ipaddress
 import logging
 import socket
 import socketserver
+import ssl
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -206,12 +209,20 @@ def address_allowed(host: str, networks: Sequence[Network]) -> bool:
 
 
 class AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, plus: TCP_NODELAY on each accepted socket, and
-    peers outside ``allowed_networks`` closed before the association starts.
+    """pynetdicom's threaded server, plus: TCP_NODELAY on each accepted socket,
+    peers outside ``allowed_networks`` closed before the association starts, and,
+    with ``tls_context``, a TLS handshake (PS3.15 B.1) before the association.
 
     Created with ``ae.make_server(..., server_class=AssociationServer,
-    allowed_networks=..., on_refused=...)`` and served by the caller's own thread,
-    so that shutting it down does not touch the AE's private server list.
+    allowed_networks=..., on_refused=..., tls_context=..., on_tls_failed=...)`` and
+    served by the caller's own thread, so that shutting it down does not touch the
+    AE's private server list.
+
+    The handshake runs in the connection's own thread, after the IP check and
+    bounded by ``handshake_timeout_s`` (pynetdicom's own ``ssl_context`` would run
+    it in the accept loop, where one silent peer stalls every other). A peer that
+    fails it (plain TCP, no or an untrusted client certificate) is closed and
+    reported once to ``on_tls_failed(host, reason)``.
     """
 
     def __init__(
@@ -219,10 +230,16 @@ class AssociationServer(ThreadedAssociationServer):
         *args: Any,
         allowed_networks: Sequence[Network] = (),
         on_refused: Callable[[str], None] | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        handshake_timeout_s: float = 10.0,
+        on_tls_failed: Callable[[str, str], None] | None = None,
         **kwargs: Any,
     ) -> None:
         self.allowed_networks = tuple(allowed_networks)
         self.on_refused = on_refused
+        self.tls_context = tls_context
+        self.handshake_timeout_s = handshake_timeout_s
+        self.on_tls_failed = on_tls_failed
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -237,6 +254,34 @@ class AssociationServer(ThreadedAssociationServer):
         if self.on_refused is not None:
             self.on_refused(host)
         return False
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        if self.tls_context is not None and isinstance(request, socket.socket):
+            wrapped = self._handshake(request, client_address)
+            if wrapped is None:
+                return
+            request = wrapped
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, sock: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
+        assert self.tls_context is not None
+        host = str(client_address[0]) if isinstance(client_address, tuple) else ""
+        try:
+            sock.settimeout(self.handshake_timeout_s)
+            tls = self.tls_context.wrap_socket(sock, server_side=True)
+            tls.settimeout(None)
+        except (ssl.SSLError, OSError) as err:  # the peer's fault: plain TCP, bad cert, gone
+            with contextlib.suppress(OSError):
+                sock.close()
+            reason = getattr(err, "reason", None) or str(err) or type(err).__name__
+            if self.on_tls_failed is not None:
+                self.on_tls_failed(host, f"TLS handshake failed: {reason}")
+            return None
+        return tls
 
     def shutdown(self) -> None:
         """Stop ``serve_forever`` and close the listening socket (associations already

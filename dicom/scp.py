@@ -15,7 +15,10 @@ cannot be read answers 0xC000 (cannot understand) and is quarantined.
 
 Associations: calling AE titles outside ``allowed_calling_aes`` are rejected
 at A-ASSOCIATE (rejected-permanent, calling AE not recognised); peers outside
-``allowed_ips`` are disconnected before the association starts; over
+``allowed_ips`` are disconnected before the association starts; with ``tls``
+the port speaks TLS only (PS3.15 B.1): the handshake follows the address check,
+and a peer that fails it (plain TCP, missing or untrusted client certificate)
+is disconnected, logged once and recorded; over
 ``maximum_associations`` pynetdicom rejects the A-ASSOCIATE-RQ
 (rejected-transient, local limit exceeded). Each association (and each
 refused connection) is recorded as a session in the journal.
@@ -66,6 +69,7 @@ from gateway.envelope import Envelope
 from gateway.errors import DiskFullError, JournalError
 from gateway.interfaces import Intake
 from gateway.registry import PluginContext, Registry
+from gateway.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,7 @@ class ScpSettings(ListenerBase):
     drain_timeout_s: float = Field(default=10.0, gt=0)
     study_quiet_s: float | None = Field(default=60.0, gt=0)
     worklist: bool = False
+    tls: TlsSettings | None = None  # set: TLS only on this port (docs/security.md)
 
     @field_validator("allowed_ips")
     @classmethod
@@ -189,6 +194,12 @@ class DicomScp:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> DicomScp:
+        tls = self.cfg.tls
+        tls_context = (
+            tls.server_context(self.ctx.config_dir, where=f"listener {self.id}: tls")
+            if tls is not None
+            else None
+        )
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._worklist = self._find_worklist()
@@ -228,6 +239,9 @@ class DicomScp:
                 server_class=AssociationServer,
                 allowed_networks=self._networks,
                 on_refused=self._on_refused_ip,
+                tls_context=tls_context,
+                handshake_timeout_s=self.cfg.acse_timeout_s,
+                on_tls_failed=self._on_tls_failed,
             )
             assert isinstance(server, AssociationServer)
         except BaseException:
@@ -245,13 +259,14 @@ class DicomScp:
         self._thread.start()
         self._task = asyncio.create_task(self._housekeeping(), name=f"dicom-scp:{self.id}:after")
         log.info(
-            "dicom.listening listener=%s ae=%s address=%s:%d max_associations=%d max_pdu=%d",
+            "dicom.listening listener=%s ae=%s address=%s:%d max_associations=%d max_pdu=%d%s",
             self.id,
             self.cfg.ae_title,
             self.cfg.listen.host,
             self.port,
             self.cfg.maximum_associations,
             self.cfg.max_pdu,
+            " tls" if tls_context is not None else "",
         )
         return self
 
@@ -420,6 +435,12 @@ class DicomScp:
         log.warning("dicom.refused listener=%s peer=%s reason=address not allowed", self.id, host)
         now = time.time()
         self._record(host, now, now, {"protocol": "dicom", "rejected": "address not allowed"})
+
+    def _on_tls_failed(self, host: str, reason: str) -> None:
+        self.ctx.metrics.rejected(self.id, "association-tls")
+        log.warning("dicom.refused listener=%s peer=%s reason=%s", self.id, host, reason)
+        now = time.time()
+        self._record(host, now, now, {"protocol": "dicom", "rejected": reason})
 
     # -- DIMSE handlers (pynetdicom threads) --------------------------------------------
 

@@ -33,6 +33,11 @@ failure) retry; failures that belong to the instance (SOP class not supported,
 data set does not match the SOP class, cannot understand) dead-letter it. The
 hex status is in every confirmation and error. A lost, rejected or aborted
 association, a timeout or a network error retries on a fresh association.
+
+With ``tls`` the association runs over TLS (PS3.15 B.1): the PACS's certificate
+is checked against ``tls.ca_file`` and its name (``tls.server_hostname``, else
+the ``connect`` host); ``tls.cert_file``/``key_file`` are medgw's client
+certificate. A failed handshake is a connection failure: retried.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import tempfile
 import time
 from collections import OrderedDict
@@ -63,6 +69,7 @@ from gateway.config import DestinationBase, EndpointField
 from gateway.envelope import StoredEnvelope
 from gateway.errors import PermanentError, TransientError
 from gateway.registry import PluginContext, Registry
+from gateway.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,7 @@ class DicomStoreConfig(DestinationBase):
     max_pdu: int = Field(default=131072, ge=0)  # what we receive; 0 = unlimited
     decompress_on_reject: bool = True
     idle_release_s: float | None = Field(default=20.0, gt=0)  # null: keep until closed
+    tls: TlsSettings | None = None  # set: associate over TLS (docs/security.md)
 
 
 # -- C-STORE response statuses ----------------------------------------------------------
@@ -172,9 +180,13 @@ class StoreLink:
     Used only from its sender's worker thread; every method blocks.
     """
 
-    def __init__(self, cfg: DicomStoreConfig) -> None:
+    def __init__(self, cfg: DicomStoreConfig, tls_context: ssl.SSLContext | None = None) -> None:
         self.cfg = cfg
         self.peer = f"{cfg.ae_title}@{cfg.connect}"
+        self.tls_args: tuple[ssl.SSLContext, str] | None = None
+        if tls_context is not None:
+            assert cfg.tls is not None
+            self.tls_args = (tls_context, cfg.tls.hostname_for(cfg.connect.host))
         self.ae = AE(ae_title=cfg.calling_ae)
         self.ae.connection_timeout = cfg.connect_timeout_s
         self.ae.acse_timeout = cfg.acse_timeout_s
@@ -243,6 +255,7 @@ class StoreLink:
             ae_title=self.cfg.ae_title,
             max_pdu=self.cfg.max_pdu,
             evt_handlers=[(evt.EVT_CONN_OPEN, opened)],
+            tls_args=self.tls_args,
         )
         if assoc.is_established:
             self.assoc = assoc
@@ -275,12 +288,16 @@ class StoreLink:
             # A-ASSOCIATE-AC with every proposed context refused; pynetdicom aborts it
             return self._not_accepted(pair, assoc.rejected_contexts)
         if not self._connected:
+            tls = ", or the TLS handshake failed" if self.tls_args is not None else ""
             return TransientError(
                 f"cannot connect to {where} (refused or no answer within "
-                f"{self.cfg.connect_timeout_s:g}s)"
+                f"{self.cfg.connect_timeout_s:g}s{tls})"
             )
         if assoc.is_aborted:
-            return TransientError(f"association aborted by {where} during negotiation")
+            # TLS 1.3: a server that refuses our client certificate says so after the
+            # handshake, so it shows as an abort
+            tls = " (TLS: our client certificate refused?)" if self.tls_args is not None else ""
+            return TransientError(f"association aborted by {where} during negotiation{tls}")
         return TransientError(
             f"no association response from {where} within {self.cfg.acse_timeout_s:g}s"
         )
@@ -444,9 +461,9 @@ class DicomStoreSender:
 
     wants_body = False  # the pump leaves body empty; we read envelope.blob_path
 
-    def __init__(self, cfg: DicomStoreConfig) -> None:
+    def __init__(self, cfg: DicomStoreConfig, tls_context: ssl.SSLContext | None = None) -> None:
         self.cfg = cfg
-        self.link = StoreLink(cfg)
+        self.link = StoreLink(cfg, tls_context)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dicom-store-{cfg.id}")
         self._idle: asyncio.TimerHandle | None = None
         self._inflight: Future[str] | None = None  # the store running in the worker thread
@@ -586,17 +603,21 @@ def _abort_quietly(assoc: Any) -> None:
 
 
 class DicomStoreDestination:
-    def __init__(self, cfg: DicomStoreConfig) -> None:
+    def __init__(self, cfg: DicomStoreConfig, tls_context: ssl.SSLContext | None = None) -> None:
         self.id = cfg.id
         self.cfg = cfg
+        self.tls_context = tls_context
 
     def sender(self) -> DicomStoreSender:
-        return DicomStoreSender(self.cfg)
+        return DicomStoreSender(self.cfg, self.tls_context)
 
 
 def register(registry: Registry) -> None:
     def make(cfg: DicomStoreConfig, ctx: PluginContext) -> DicomStoreDestination:
-        return DicomStoreDestination(cfg)
+        if cfg.tls is None:
+            return DicomStoreDestination(cfg)
+        where = f"destination {cfg.id}: tls"
+        return DicomStoreDestination(cfg, cfg.tls.client_context(ctx.config_dir, where=where))
 
     registry.destination(
         "dicom-store",

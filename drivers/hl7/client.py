@@ -1,10 +1,16 @@
-"""A minimal MLLP client: one connection, one request at a time, the reply frame back."""
+"""A minimal MLLP client: one connection, one request at a time, the reply frame back.
+
+With ``ssl_context`` the connection is TLS (the handshake counts against
+``connect_timeout_s``); ``server_hostname`` is the name the server's certificate
+must carry (default: ``host``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+import ssl
 
 from drivers.hl7.mllp import FrameReceived, MllpFramer, frame
 
@@ -13,9 +19,19 @@ CLOSE_TIMEOUT_S = 5.0
 
 
 class MllpClient:
-    def __init__(self, host: str, port: int, *, connect_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
         self.host, self.port = host, port
         self.connect_timeout_s = connect_timeout_s
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._framer = MllpFramer()
@@ -25,12 +41,21 @@ class MllpClient:
         return self._writer is not None and not self._writer.is_closing()
 
     async def connect(self) -> None:
-        """Open the connection if it is not open (raises OSError or TimeoutError)."""
+        """Open the connection if it is not open (raises OSError, ssl.SSLError
+        among them, or TimeoutError)."""
         if self.connected:
             return
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.connect_timeout_s
+        opening = (
+            asyncio.open_connection(
+                self.host,
+                self.port,
+                ssl=self.ssl_context,
+                server_hostname=self.server_hostname or self.host,
+            )
+            if self.ssl_context is not None
+            else asyncio.open_connection(self.host, self.port)
         )
+        reader, writer = await asyncio.wait_for(opening, self.connect_timeout_s)
         self._reader, self._writer = reader, writer
         sock = writer.get_extra_info("socket")
         if sock is not None:

@@ -4,6 +4,10 @@ Per connection: bytes -> :class:`MllpFramer` -> read MSH -> decode check ->
 ``intake.accept`` (durable) -> ``AA``. Bad input gets ``AE``/``AR`` with an ERR
 segment and is quarantined; bytes outside frames are quarantined without a
 reply. Connections are persistent; replies go out in the order messages came.
+
+With a TLS context the port speaks TLS only: each connection's first step is the
+handshake (bounded by ``handshake_timeout_s``); a peer that fails it (plain MLLP,
+missing or untrusted client certificate) is logged once and closed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -78,12 +83,18 @@ class MessageHooks(Protocol):
 
 class MllpListener:
     def __init__(
-        self, cfg: MllpListenerSettings, intake: Intake, hooks: MessageHooks | None = None
+        self,
+        cfg: MllpListenerSettings,
+        intake: Intake,
+        hooks: MessageHooks | None = None,
+        *,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.id = cfg.id
         self.cfg = cfg
         self.intake = intake
         self.hooks = hooks
+        self.tls_context = tls_context
         self._server: asyncio.Server | None = None
         self._conns: dict[int, _Connection] = {}
         self._closing = False
@@ -95,7 +106,11 @@ class MllpListener:
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info(
-            "mllp.listening listener=%s address=%s:%d", self.id, self.cfg.listen.host, self.port
+            "mllp.listening listener=%s address=%s:%d%s",
+            self.id,
+            self.cfg.listen.host,
+            self.port,
+            " tls" if self.tls_context is not None else "",
         )
         return self
 
@@ -128,11 +143,21 @@ class MllpListener:
             )
             writer.close()
             return
+        conn = _Connection(task)
+        self._conns[id(task)] = conn  # counted (max_connections, drain) from here on
+        if self.tls_context is not None:
+            secured = False
+            try:
+                secured = await self._handshake(writer, peer)
+            finally:  # failed, timed out, or cancelled by the listener closing
+                if not secured:
+                    self._conns.pop(id(task), None)
+                    writer.transport.abort()
+            if not secured:
+                return
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Connection(task)
-        self._conns[id(task)] = conn
         log.info("mllp.connected listener=%s peer=%s", self.id, peer)
         framer = MllpFramer(self.cfg.max_message_bytes)
         try:
@@ -182,6 +207,26 @@ class MllpListener:
             log.info(
                 "mllp.disconnected listener=%s peer=%s messages=%d", self.id, peer, conn.messages
             )
+
+    async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> bool:
+        """TLS server handshake on the accepted connection; False (logged) if it
+        fails. Done here rather than by ``start_server(ssl=...)``, which drops failed
+        handshakes without a word."""
+        assert self.tls_context is not None
+        try:
+            await writer.start_tls(
+                self.tls_context, ssl_handshake_timeout=self.cfg.handshake_timeout_s
+            )
+        except (OSError, TimeoutError, EOFError) as err:  # ssl.SSLError is an OSError
+            reason = getattr(err, "reason", None) or str(err) or type(err).__name__
+            log.warning(
+                "mllp.refused listener=%s peer=%s reason=TLS handshake failed: %s",
+                self.id,
+                peer,
+                reason,
+            )
+            return False
+        return True
 
     async def _handle(self, event: FramerEvent, peer: str) -> list[bytes]:
         if isinstance(event, FrameReceived):

@@ -4,10 +4,13 @@ Sends one message, waits for the whole ACK frame, and checks MSA-1 (accept
 codes) and MSA-2 (our MSH-10). A negative ACK, a timeout, a lost connection or
 an ACK for another message is a transient failure: the delivery retries. The
 connection is dropped on any failure so a late ACK cannot be mistaken for the
-next message's.
+next message's. With ``tls`` the connection is TLS; a failed handshake is a
+connection failure (retried).
 """
 
 from __future__ import annotations
+
+import ssl
 
 from drivers.hl7.ack import parse_ack
 from drivers.hl7.client import MllpClient
@@ -18,10 +21,16 @@ from gateway.errors import PermanentError, TransientError
 
 
 class MllpSender:
-    def __init__(self, cfg: MllpDestinationSettings) -> None:
+    def __init__(
+        self, cfg: MllpDestinationSettings, tls_context: ssl.SSLContext | None = None
+    ) -> None:
         self.cfg = cfg
         self._client = MllpClient(
-            cfg.connect.host, cfg.connect.port, connect_timeout_s=cfg.connect_timeout_s
+            cfg.connect.host,
+            cfg.connect.port,
+            connect_timeout_s=cfg.connect_timeout_s,
+            ssl_context=tls_context,
+            server_hostname=cfg.tls.hostname_for(cfg.connect.host) if cfg.tls else None,
         )
 
     async def send(self, envelope: StoredEnvelope) -> str:
@@ -55,9 +64,12 @@ class MllpSender:
 
 
 class MllpDestination:
-    def __init__(self, cfg: MllpDestinationSettings) -> None:
+    def __init__(
+        self, cfg: MllpDestinationSettings, tls_context: ssl.SSLContext | None = None
+    ) -> None:
         self.id = cfg.id
         self.cfg = cfg
+        self.tls_context = tls_context
 
     def sender(self) -> MllpSender:
-        return MllpSender(self.cfg)
+        return MllpSender(self.cfg, self.tls_context)

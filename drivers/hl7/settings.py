@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from drivers.lab.profiles import Profile, ProfileError, find_profile
 from gateway.config import DestinationBase, EndpointField, ListenerBase
+from gateway.tls import TlsSettings
 
 
 def _known_codec(value: str | None) -> str | None:
@@ -33,7 +34,9 @@ class MllpListenerSettings(ListenerBase):
     max_connections: int = Field(default=64, ge=1)
     idle_timeout_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=10.0, gt=0)
+    handshake_timeout_s: float = Field(default=10.0, gt=0)  # TLS only
     profile: Profile | None = None
+    tls: TlsSettings | None = None  # set: TLS only on this port (docs/security.md)
 
     _codec = field_validator("encoding", "fallback_encoding")(_known_codec)
 
@@ -68,3 +71,4 @@ class MllpDestinationSettings(DestinationBase):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     ack_timeout_s: float = Field(default=30.0, gt=0)
     accept_codes: tuple[str, ...] = ("AA", "CA")
+    tls: TlsSettings | None = None  # set: connect over TLS (docs/security.md)
