@@ -56,6 +56,7 @@ from ai_models.runtime import (
 from dicom.ai_objects import build_sc, build_sr
 from dicom.headers import routing_headers
 from gateway.envelope import Envelope
+from gateway.events import ids_from_headers
 from gateway.registry import PluginContext
 from gateway.steps import AnyEnvelope
 from gateway.triage import EvaluatedImage, Finding, Priority, TriageResult
@@ -179,6 +180,7 @@ class TriageStep:
     def __init__(self, params: TriageParams, ctx: PluginContext) -> None:
         self.params = params
         self.site_id = ctx.site_id
+        self.events = ctx.events  # gateway.events.EventBus (None outside a gateway)
         self.history = history(ctx)
         self.models = [
             runtime_for(ctx, model_id, path, params) for model_id, path in params.cards.items()
@@ -232,6 +234,8 @@ class TriageStep:
         if refusal is None and runtime.session is None:
             refusal = f"model unavailable: {runtime.unavailable}"
         if refusal is not None:
+            if runtime.session is None:  # not an image the card refuses: the model is missing
+                self._emit_failed(record, "skipped", refusal)
             await asyncio.to_thread(self.history.record, status="skipped", reason=refusal, **record)
             log.info("ai.skipped model=%s envelope=%s reason=%s", card.id, envelope.id, refusal)
             return []
@@ -322,6 +326,7 @@ class TriageStep:
             )
         except Exception as err:  # noqa: BLE001 - outputs never hold the original back
             reason = f"outputs not built: {type(err).__name__}: {err}"
+            self._emit_failed(record, "failed", reason)
             await asyncio.to_thread(self.history.record, status="failed", reason=reason, **done)
             log.warning("ai.outputs_failed model=%s envelope=%s %s", card.id, envelope.id, reason)
             return []
@@ -343,12 +348,26 @@ class TriageStep:
             elapsed,
             ",".join(sent) or "-",
         )
+        if self.events is not None and result.priority != "normal":
+            self.events.emit(
+                "ai.flagged",
+                source=envelope.source,
+                envelope=envelope.id,
+                kind=envelope.kind,
+                ids=ids_from_headers(envelope.headers),
+                detail={
+                    "model": card.id,
+                    "priority": result.priority,
+                    "findings": [f.label for f in result.positives],
+                },
+            )
         return made
 
     async def _failed(
         self, record: dict[str, Any], status: str, reason: str, started: float
     ) -> list[Envelope]:
         ms = (time.perf_counter() - started) * 1000.0
+        self._emit_failed(record, status, reason)
         await asyncio.to_thread(
             self.history.record, status=status, reason=reason, duration_ms=ms, **record
         )
@@ -360,6 +379,16 @@ class TriageStep:
             reason,
         )
         return []
+
+    def _emit_failed(self, record: dict[str, Any], status: str, reason: str) -> None:
+        if self.events is not None:
+            self.events.emit(
+                "ai.failed",
+                envelope=str(record["envelope"]),
+                outcome="failed",
+                ids={"study_uid": record["study_uid"], "sop_instance_uid": record["sop_uid"]},
+                detail={"model": str(record["model"][0]), "status": status, "reason": reason},
+            )
 
     def _enabled(self, name: str, card: ModelCard) -> bool:
         override = getattr(self.params.outputs, name)

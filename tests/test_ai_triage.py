@@ -559,6 +559,8 @@ async def test_a_failing_model_forwards_the_study_unchanged(
     card = failing_card(tmp_path, case)
     body = sample("RG1_UNCR.dcm")
     async with gateway(tmp_path, {case: card}, budget_s) as site:
+        seen: list[Any] = []
+        site.gw.events.subscribe(seen.append)
         started = time.monotonic()
         await site.gw.accept(dicom_envelope(body))
         (sent,) = await eventually(lambda: files(site.pacs), budget_s + 5, "RG1 in the PACS")
@@ -572,9 +574,28 @@ async def test_a_failing_model_forwards_the_study_unchanged(
     if case == "sha256":
         assert f"does not match card sha256 1.0 ({'e' * 64})" in row["reason"]
     assert row["sent"] == {} and row["priority"] == ""
+    # the reason reaches telemetry and the audit trail too, and nothing is flagged
+    (failed,) = [e for e in seen if e.event == "ai.failed"]
+    assert failed.detail["status"] == status and failed.detail["model"] == case
+    assert failed.detail["reason"].startswith(reason)
+    assert not [e for e in seen if e.event == "ai.flagged"]
     assert files(site.pacs) == [sent]  # nothing derived
     assert files(site.ris) == files(site.events) == []
     history.close()
+
+
+async def test_an_urgent_result_emits_ai_flagged(tmp_path: Path) -> None:
+    card = card_for(tmp_path, "cxr", URGENT)
+    async with gateway(tmp_path, {"cxr": card}, 30) as site:
+        seen: list[Any] = []
+        site.gw.events.subscribe(seen.append)
+        env = dicom_envelope(sample("RG1_UNCR.dcm"))
+        await site.gw.accept(env)
+        await eventually(lambda: [e for e in seen if e.event == "ai.flagged"], 30, "ai.flagged")
+    (flag,) = [e for e in seen if e.event == "ai.flagged"]
+    assert flag.envelope == env.id and flag.detail["model"] == "cxr"
+    assert flag.detail["priority"] == "urgent" and flag.detail["findings"]
+    assert flag.ids["study_uid"]
 
 
 # -- configuration ------------------------------------------------------------------------
