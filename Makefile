@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # Debian packages the tests' real peers need (later issues add DCMTK, Orthanc, ...)
-DEB_PKGS := socat mosquitto dcmtk orthanc dicom3tools
+DEB_PKGS := socat mosquitto dcmtk orthanc dicom3tools chromium
 
 .PHONY: run test venv debs lint typecheck pytest bench clean
 

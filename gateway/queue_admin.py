@@ -17,13 +17,18 @@ def _fmt_ts(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
 
 
-def stats(conn: sqlite3.Connection) -> list[tuple[str, int, int, int, str]]:
-    """(destination, pending, done, dead, oldest pending receive time) per destination."""
+def stats(
+    conn: sqlite3.Connection, *, destination: str | None = None
+) -> list[tuple[str, int, int, int, str]]:
+    """(destination, pending, done, dead, oldest pending receive time) per destination
+    (only ``destination`` when given)."""
+    where, args = ("WHERE d.destination = ? ", [destination]) if destination else ("", [])
     rows = conn.execute(
         "SELECT d.destination, "
         "SUM(d.state = 'pending'), SUM(d.state = 'done'), SUM(d.state = 'dead'), "
         "MIN(CASE WHEN d.state = 'pending' THEN e.received_at END) "
-        "FROM deliveries d JOIN envelopes e ON e.seq = d.seq GROUP BY 1 ORDER BY 1"
+        f"FROM deliveries d JOIN envelopes e ON e.seq = d.seq {where}GROUP BY 1 ORDER BY 1",
+        args,
     ).fetchall()
     return [(r[0], r[1], r[2], r[3], _fmt_ts(r[4])) for r in rows]
 
@@ -115,15 +120,26 @@ def retry(conn: sqlite3.Connection, *, destination: str | None, envelope: str | 
     return conn.execute(sql, args).rowcount
 
 
-def purge_delivered(conn: sqlite3.Connection, state_dir: Path, *, older_than_s: float) -> int:
+def purge_delivered(
+    conn: sqlite3.Connection,
+    state_dir: Path,
+    *,
+    older_than_s: float,
+    destination: str | None = None,
+) -> int:
     """Delete envelopes received before the cutoff whose every delivery is done (and
-    unrouted ones), with their blob files. Pending or dead ones are never touched."""
+    unrouted ones), with their blob files. Pending or dead ones are never touched.
+    With ``destination``, only envelopes that were delivered to it."""
     cutoff = time.time() - older_than_s
-    rows = conn.execute(
+    sql = (
         "SELECT seq, blob FROM envelopes e WHERE received_at < ? AND NOT EXISTS "
-        "(SELECT 1 FROM deliveries d WHERE d.seq = e.seq AND d.state != 'done')",
-        (cutoff,),
-    ).fetchall()
+        "(SELECT 1 FROM deliveries d WHERE d.seq = e.seq AND d.state != 'done')"
+    )
+    args: list[object] = [cutoff]
+    if destination:
+        sql += " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = e.seq AND d.destination = ?)"
+        args.append(destination)
+    rows = conn.execute(sql, args).fetchall()
     conn.execute("BEGIN IMMEDIATE")
     for seq, _ in rows:
         conn.execute("DELETE FROM deliveries WHERE seq = ?", (seq,))
