@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from gateway import __version__, logs, queue_admin
+from gateway import __version__, audit_cli, backup, logs, queue_admin, status_cli
 from gateway.config import GatewayConfig, load_config, summary
 from gateway.errors import ConfigError, JournalError
 from gateway.journal import admin_connection
@@ -50,7 +50,11 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     log.info("gateway.starting version=%s config=%s", __version__, args.config)
     try:
         asyncio.run(serve(cfg, registry))
-    except OSError as err:  # e.g. a port already in use: refuse to half-start
+    except ConfigError as err:  # what is read only at start (the HTTP token file)
+        for problem in err.problems:
+            log.error("gateway.failed config: %s", problem)
+        return 2
+    except (OSError, JournalError) as err:  # a port in use, a damaged journal: refuse
         log.error("gateway.failed error=%s", err)
         return 1
     except BaseExceptionGroup as group:
@@ -99,7 +103,7 @@ def _queue_action(args: argparse.Namespace, cfg: GatewayConfig, conn: object) ->
     if args.action == "stats":
         rows = [
             dict(zip(("destination", "pending", "done", "dead", "oldest_pending"), r, strict=True))
-            for r in queue_admin.stats(conn)
+            for r in queue_admin.stats(conn, destination=args.destination)
         ]
         _table(rows, ["destination", "pending", "done", "dead", "oldest_pending"])
         print(" ".join(f"{k}={v}" for k, v in queue_admin.totals(conn).items()))
@@ -140,8 +144,13 @@ def _purge(args: argparse.Namespace, cfg: GatewayConfig, conn: object) -> int:
 
     assert isinstance(conn, sqlite3.Connection)
     if args.what == "delivered":
-        n = queue_admin.purge_delivered(conn, cfg.state_dir, older_than_s=args.older_than)
+        n = queue_admin.purge_delivered(
+            conn, cfg.state_dir, older_than_s=args.older_than, destination=args.destination
+        )
         print(f"{n} delivered envelopes removed")
+    elif args.what == "quarantine" and args.destination:
+        print("quarantined input has no destination: drop --destination", file=sys.stderr)
+        return 2
     elif args.what == "quarantine":
         n = queue_admin.purge_quarantine(conn, older_than_s=args.older_than)
         print(f"{n} quarantined items removed")
@@ -197,8 +206,7 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
         a = qs.add_parser(name, help=text)
         a.add_argument("--config", default=DEFAULT_CONFIG)
         a.set_defaults(func=cmd_queue)
-        if name in ("list", "retry", "purge"):
-            a.add_argument("--destination")
+        a.add_argument("--destination", help="only this destination")
     ql = qs.choices["list"]
     ql.add_argument("--state", choices=["pending", "done", "dead"])
     ql.add_argument("--quarantine", action="store_true", help="list quarantined input instead")
@@ -214,6 +222,9 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     )
     qp.add_argument("--yes", action="store_true")
 
+    status_cli.add_parser(sub, DEFAULT_CONFIG)
+    audit_cli.add_parser(sub, DEFAULT_CONFIG)
+    backup.add_commands(sub, DEFAULT_CONFIG)
     for setup in registry.commands.values():
         setup(sub)
     return p

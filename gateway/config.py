@@ -75,12 +75,46 @@ class Site(Frozen):
 
 
 class Http(Frozen):
+    """The local HTTP API; off loopback every request needs ``Authorization: Bearer``."""
+
     listen: EndpointField | None = Endpoint("127.0.0.1", 9110)
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> Http:
+        if self.listen is not None and self.token_file is None and not is_loopback(self.listen):
+            raise ValueError(
+                f"listen {self.listen} is not a loopback address: set token_file "
+                "(a file holding the bearer token every request must present)"
+            )
+        return self
+
+
+def is_loopback(endpoint: Endpoint) -> bool:
+    if endpoint.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(endpoint.host).is_loopback
+    except ValueError:
+        return False
+
+
+class JournalRetention(Frozen):
+    """How long finished data stays in the journal (days; ``null`` keeps it for ever).
+
+    Only envelopes whose every delivery is done are pruned; pending and dead ones never."""
+
+    delivered_days: float | None = Field(default=30, gt=0)
+    quarantine_days: float | None = Field(default=90, gt=0)
+    sessions_days: float | None = Field(default=365, gt=0)
+    interval_s: float = Field(default=3600, gt=0)
 
 
 class JournalSettings(Frozen):
     inline_max_bytes: int = Field(default=256 * 1024, ge=0)
     min_free_mb: int = Field(default=512, ge=0)
+    integrity_check: bool = True  # PRAGMA quick_check and blob files of pending deliveries
+    retention: JournalRetention = JournalRetention()
 
 
 class Logging(Frozen):
@@ -262,7 +296,26 @@ class Syslog(Frozen):
 
     url: str = Field(pattern=r"^(udp|tcp|tls)://[^/:]+:\d+$")  # tls://collector:6514
     ca_file: Path | None = None
-    app_name: str = "medgw"
+    cert_file: Path | None = None  # tls with a client certificate (ATNA: mutual TLS)
+    key_file: Path | None = None
+    app_name: str = Field(default="medgw", pattern=r"^[!-~]{1,48}$")  # RFC 5424 APP-NAME
+    hostname: str | None = Field(default=None, pattern=r"^[!-~]{1,255}$")  # default: the host's
+    facility: int = Field(default=10, ge=0, le=23)  # 10 = security/authorization (authpriv)
+    # RFC 5424 SD-ID name@enterprise-number (32473: the RFC 5612 example; use your own)
+    sd_id: str = Field(default="medgw@32473", max_length=32, pattern=r"^[!#-<>-?A-\\^-~]+@\d+$")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Syslog:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if not self.url.startswith("tls://") and (self.ca_file or self.cert_file):
+            raise ValueError("ca_file / cert_file need a tls:// url")
+        return self
+
+    @property
+    def endpoint(self) -> Endpoint:
+        host, _, port = self.url.split("://", 1)[1].rpartition(":")
+        return Endpoint(host, int(port))
 
 
 class Audit(Frozen):
@@ -271,6 +324,8 @@ class Audit(Frozen):
     enabled: bool = True
     retention_days: int = Field(default=365, ge=1)
     patient_ids: str = Field(default="plain", pattern="^(none|hashed|plain)$")
+    hash_salt_file: Path | None = None  # patient_ids: hashed; default salt: the site id
+    queue_max: int = Field(default=100_000, ge=100)  # events waiting for the audit file
     syslog: Syslog | None = None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -23,12 +24,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.envelope import Envelope, StagedBlob, StoredEnvelope
 from gateway.errors import DiskFullError, JournalError
 from gateway.interfaces import Accepted
+
+if TYPE_CHECKING:
+    from gateway.config import JournalRetention
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,9 @@ CREATE TABLE IF NOT EXISTS quarantine (
 QUARANTINE_KEEP = 1024 * 1024
 BATCH_MAX = 512
 FREE_SPACE_TTL_S = 1.0
+PRUNE_BATCH = 500  # rows per writer op: the writer is never held for long
+LOCK_NAME = "journal.lock"  # shared by every open journal, exclusive for a restore
+DOCS_HINT = "see docs/storage.md, 'Integrity check' and 'Restore'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +219,60 @@ def insert_sync(conn: sqlite3.Connection, env: Envelope, destinations: list[str]
         return insert_envelope(conn, env, destinations, digest=digest, blob=None)
 
 
+def prune_delivered_batch(
+    conn: sqlite3.Connection, cutoff: float, *, after_seq: int = 0, limit: int = PRUNE_BATCH
+) -> list[tuple[int, str | None]]:
+    """Delete up to ``limit`` envelopes received before ``cutoff`` whose every
+    delivery is done (and unrouted ones), in seq order after ``after_seq``, inside the
+    caller's transaction. Pending or dead ones are never touched. Returns (seq, blob)
+    of what went: the caller unlinks the blob files once the delete is committed."""
+    rows: list[tuple[int, str | None]] = conn.execute(
+        "SELECT seq, blob FROM envelopes e WHERE seq > ? AND received_at < ? AND NOT EXISTS "
+        "(SELECT 1 FROM deliveries d WHERE d.seq = e.seq AND d.state != 'done') "
+        "ORDER BY seq LIMIT ?",
+        (after_seq, cutoff, limit),
+    ).fetchall()
+    seqs = [(seq,) for seq, _ in rows]
+    conn.executemany("DELETE FROM deliveries WHERE seq = ?", seqs)
+    conn.executemany("DELETE FROM envelopes WHERE seq = ?", seqs)
+    return rows
+
+
+def prune_rows_batch(
+    conn: sqlite3.Connection, table: str, cutoff: float, *, limit: int = PRUNE_BATCH
+) -> int:
+    """Delete up to ``limit`` quarantine or session rows older than ``cutoff``."""
+    column = {"quarantine": "received_at", "sessions": "ended_at"}[table]
+    return conn.execute(
+        f"DELETE FROM {table} WHERE id IN "  # table and column: from the map above
+        f"(SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT ?)",
+        (cutoff, limit),
+    ).rowcount
+
+
+def quick_check(db_path: Path) -> None:
+    """``PRAGMA quick_check`` (SQLite's structural check without index cross-checks);
+    raises JournalError naming the file and what to do when it is damaged."""
+    problem = ""
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA quick_check(20)")]
+        finally:
+            conn.close()
+        if rows != ["ok"]:
+            problem = "; ".join(str(r) for r in rows).replace("\n", "; ")
+    except sqlite3.DatabaseError as err:
+        problem = str(err)
+    if problem:
+        raise JournalError(
+            f"journal {db_path} failed its integrity check (PRAGMA quick_check: {problem[:500]}). "
+            "The gateway does not start on a damaged journal. Stop the service, keep the damaged "
+            "file for analysis, and restore the state folder from the last backup with "
+            f"'medgw restore --from BACKUP_DIR --config CONFIG' ({DOCS_HINT})."
+        )
+
+
 _Item = tuple[_Op, asyncio.Future[Any]]
 
 
@@ -309,7 +371,12 @@ class Journal:
     """Envelopes, their per-destination deliveries, and quarantined input."""
 
     def __init__(
-        self, state_dir: Path, *, inline_max_bytes: int = 256 * 1024, min_free_mb: int = 0
+        self,
+        state_dir: Path,
+        *,
+        inline_max_bytes: int = 256 * 1024,
+        min_free_mb: int = 0,
+        integrity_check: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.db_path = self.state_dir / "journal.sqlite"
@@ -322,6 +389,8 @@ class Journal:
         self._dirs_lock = threading.Lock()
         self._read: sqlite3.Connection | None = None
         self._free_checked = (0.0, True)
+        self.integrity_check = integrity_check
+        self._lock_fd: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -330,14 +399,29 @@ class Journal:
         self.blob_dir.mkdir(exist_ok=True)
         for tmp in self.blob_dir.rglob("*.tmp"):  # a crash mid-write leaves these; never acked
             tmp.unlink()
-        conn = connect(self.db_path)
+        self._lock_shared()
         try:
-            conn.executescript(SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-        finally:
-            conn.close()
+            if self.integrity_check and self.db_path.exists():
+                started = time.monotonic()
+                quick_check(self.db_path)
+                log.info("journal.integrity_ok seconds=%.2f", time.monotonic() - started)
+            conn = connect(self.db_path)
+            try:
+                conn.executescript(SCHEMA)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+                if self.integrity_check:
+                    self._dead_missing_blobs(conn)
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as err:
+            self._unlock()
+            raise JournalError(f"cannot open journal {self.db_path}: {err} ({DOCS_HINT})") from err
+        except BaseException:
+            self._unlock()
+            raise
         self._writer = _Writer(self.db_path, self._sync_blob_dirs)
         self._writer.start()
         self._read = connect(self.db_path)
@@ -353,6 +437,50 @@ class Journal:
         if self._read is not None:
             self._read.close()
             self._read = None
+        self._unlock()
+
+    def _lock_shared(self) -> None:
+        """Hold a shared lock on the state folder while open: ``medgw restore`` takes it
+        exclusively, so it cannot replace the journal under a running gateway."""
+        fd = os.open(self.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            os.close(fd)
+            raise JournalError(
+                f"state folder {self.state_dir} is locked by a restore in progress"
+            ) from err
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _dead_missing_blobs(self, conn: sqlite3.Connection) -> None:
+        """A pending delivery whose blob file is gone can never be sent: mark it dead with
+        the reason (an operator sees it in ``medgw queue list --state dead``) instead of
+        letting the delivery loop fail on it for ever."""
+        rows = conn.execute(
+            "SELECT DISTINCT e.seq, e.id, e.blob FROM deliveries d JOIN envelopes e "
+            "ON e.seq = d.seq WHERE d.state = 'pending' AND e.blob IS NOT NULL"
+        ).fetchall()
+        missing = [(seq, eid, rel) for seq, eid, rel in rows if not (self.blob_dir / rel).is_file()]
+        if not missing:
+            return
+        now = time.time()
+        with transaction(conn):
+            for seq, eid, rel in missing:
+                log.error(
+                    "journal.blob_missing envelope=%s file=%s: its pending deliveries are dead",
+                    eid,
+                    self.blob_dir / rel,
+                )
+                conn.execute(
+                    "UPDATE deliveries SET state = 'dead', updated_at = ?, last_error = ? "
+                    "WHERE seq = ? AND state = 'pending'",
+                    (now, f"blob file missing at start: blobs/{rel}", seq),
+                )
 
     async def __aenter__(self) -> Journal:
         return self.open()
@@ -585,6 +713,67 @@ class Journal:
                 (state, next_at, now, error[:1000], destination, seq),
             )
         )
+
+    # -- retention ----------------------------------------------------------------------
+
+    async def prune(
+        self, retention: JournalRetention, *, now: float | None = None
+    ) -> dict[str, int]:
+        """Delete what the retention policy no longer keeps, a batch per writer op, and
+        the blob files of the envelopes deleted. Returns counts per kind."""
+        now = time.time() if now is None else now
+        counts = {"envelopes": 0, "blobs": 0, "quarantine": 0, "sessions": 0}
+        if retention.delivered_days is not None:
+            cutoff = now - retention.delivered_days * 86400
+            after = 0
+            while True:
+                fut = self._submit(partial(prune_delivered_batch, cutoff=cutoff, after_seq=after))
+                try:
+                    rows: list[tuple[int, str | None]] = await asyncio.shield(fut)
+                except asyncio.CancelledError:  # committed anyway: still remove its files
+                    fut.add_done_callback(self._unlink_blobs_when_done)
+                    raise
+                if not rows:
+                    break
+                after = rows[-1][0]
+                counts["envelopes"] += len(rows)
+                counts["blobs"] += await asyncio.to_thread(self._unlink_blobs, rows)
+        for table, days in (
+            ("quarantine", retention.quarantine_days),
+            ("sessions", retention.sessions_days),
+        ):
+            if days is None:
+                continue
+            cutoff = now - days * 86400
+            while n := await self._submit(partial(prune_rows_batch, table=table, cutoff=cutoff)):
+                counts[table] += n
+        return counts
+
+    def _unlink_blobs(self, rows: list[tuple[int, str | None]]) -> int:
+        n = 0
+        for _, rel in rows:
+            if rel:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.blob_dir / rel).unlink()
+                    n += 1
+        return n
+
+    def _unlink_blobs_when_done(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._unlink_blobs(fut.result())
+
+    async def retain(self, retention: JournalRetention) -> None:
+        """The service's retention task: prune at start, then every ``interval_s``."""
+        while True:
+            try:
+                counts = await self.prune(retention)
+                log.info(
+                    "journal.pruned envelopes=%d blobs=%d quarantine=%d sessions=%d",
+                    *counts.values(),
+                )
+            except JournalError as err:
+                log.warning("journal.prune_failed error=%s", err)
+            await asyncio.sleep(retention.interval_s)
 
     # -- reporting ----------------------------------------------------------------------
 

@@ -17,18 +17,21 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from gateway.audit import AuditLog
 from gateway.config import GatewayConfig, route_key
 from gateway.delivery import DestinationPump
 from gateway.envelope import Envelope
 from gateway.events import EventBus, ids_from_headers
-from gateway.health import HttpEndpoints
+from gateway.health import HttpEndpoints, http_token
 from gateway.interfaces import Accepted
 from gateway.journal import Journal
 from gateway.metrics import Metrics
 from gateway.registry import PluginContext, Registry
 from gateway.router import Router
 from gateway.sdnotify import Notifier
+from gateway.status import status_doc
 from gateway.steps import StepChain
+from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,12 @@ class Gateway:
         self.drain_grace_s = drain_grace_s
         self.metrics = Metrics()
         self.events = EventBus()
+        self.telemetry: Telemetry | None = None  # MQTT, when configured
         self.journal = Journal(
             cfg.state_dir,
             inline_max_bytes=cfg.journal.inline_max_bytes,
             min_free_mb=cfg.journal.min_free_mb,
+            integrity_check=cfg.journal.integrity_check,
         )
         self.router = Router(cfg.routes)
         self.pumps: dict[str, DestinationPump] = {}
@@ -64,6 +69,7 @@ class Gateway:
         self.ready = asyncio.Event()
         self.stopping = False
         self.started_at = time.time()
+        self.last_message_at: dict[str, float] = {}  # listener id -> time (status page)
 
     # -- Intake -------------------------------------------------------------------------
 
@@ -87,6 +93,7 @@ class Gateway:
             return accepted
         if routed:  # what steps derive is not counted again as received
             self.metrics.received(envelope.source)
+            self.last_message_at[envelope.source] = time.time()
             self._emit_intake("message.received", envelope, detail={"to": destinations})
         if not destinations and routed:
             log.warning(
@@ -168,10 +175,31 @@ class Gateway:
         )
         async with AsyncExitStack() as base:
             await base.enter_async_context(self.journal)
+            if self.cfg.audit.enabled:  # closed after the pumps drain, before the journal
+                audit = AuditLog(
+                    self.cfg.audit, self.cfg.site.id, self.cfg.state_dir, config_dir=ctx.config_dir
+                )
+                self.events.subscribe(audit.on_event)
+                await base.enter_async_context(audit)
+            if self.cfg.mqtt is not None:
+                self.telemetry = telemetry = Telemetry(
+                    self.cfg.mqtt,
+                    self.cfg.site.id,
+                    self.cfg.state_dir,
+                    lambda: self.health()[1]["destinations"],
+                    {lcfg.id: lcfg.type for lcfg in self.cfg.listeners},
+                    config_dir=ctx.config_dir,
+                )
+                self.events.subscribe(telemetry.on_event)
+                await base.enter_async_context(telemetry)
             self.metrics.watch_queue(self.journal.depth, self.journal.oldest_pending, time.time)
             if self.cfg.http.listen is not None:
                 self.http = HttpEndpoints(
-                    self.cfg.http.listen, self.health, self.metrics.exposition
+                    self.cfg.http.listen,
+                    self.health,
+                    self.metrics.exposition,
+                    lambda: status_doc(self),
+                    token=http_token(self.cfg.http, ctx.config_dir),
                 )
                 await base.enter_async_context(self.http)
             for dcfg in self.cfg.destinations:
@@ -207,6 +235,9 @@ class Gateway:
                         len(self.pumps),
                     )
                     watchdog = tg.create_task(self._watchdog(), name="watchdog")
+                    retention = tg.create_task(
+                        self.journal.retain(self.cfg.journal.retention), name="retention"
+                    )
                     await stop.wait()
                     self.stopping = True
                     self.notifier.notify("STOPPING=1", "STATUS=draining")
@@ -214,6 +245,7 @@ class Gateway:
                 # listeners are closed here: nothing new comes in
                 await asyncio.gather(*(p.stop(self.drain_grace_s) for p in self.pumps.values()))
                 watchdog.cancel()
+                retention.cancel()
             close_services(ctx.services)
         log.info("gateway.stopped")
 
