@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from gateway.config import Audit, Syslog
 from gateway.events import Event, PatientIds
 from gateway.secrets import read_secret, secret_path
+from gateway.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -448,11 +449,7 @@ class AuditLog:
                     while self.connected and self.sent_seq < self.written_seq:
                         self._progress.clear()
                         await self._progress.wait()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         if self.link is not None:
             await self.link.close()
         self.store.close()

@@ -35,6 +35,7 @@ from gateway import __version__
 from gateway.config import Mqtt
 from gateway.events import Event, PatientIds
 from gateway.secrets import read_secret, secret_path
+from gateway.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +197,7 @@ class Telemetry:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._flush()  # what the bus gave us is kept for the next start
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self.outbox.close()
 
     async def _flush(self) -> None:

@@ -4,6 +4,7 @@ RFC 5424 export to real UDP and TCP collectors (sockets in the test), outage inc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -123,7 +124,9 @@ class TcpCollector:
         self.server.close()
         for w in self.writers:
             w.close()
-        await self.server.wait_closed()
+        # bounded: Python 3.11's wait_closed() can wait on a connection the peer just dropped
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.server.wait_closed(), 5)
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)

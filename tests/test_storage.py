@@ -123,9 +123,7 @@ async def test_missing_blob_of_a_pending_delivery_is_dead_with_reason(
             (lost.id,),
         ).fetchone()
         assert state == "dead"
-        assert (
-            error == f"blob file missing at start: blobs/{lost.id[:4]}/{lost.id}"
-        )
+        assert error == f"blob file missing at start: blobs/{lost.id[:4]}/{lost.id}"
     assert (tmp_path / "outbox").is_dir()
     assert kept.id
 

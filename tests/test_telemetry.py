@@ -226,7 +226,7 @@ async def test_events_are_buffered_while_the_broker_is_away_even_across_a_restar
         broker.stop()
 
 
-def gateway_proc(tmp_path: Path, doc: dict[str, Any]) -> Proc:
+def gateway_proc(tmp_path: Path, doc: dict[str, Any], procs: list[Proc]) -> Proc:
     http = pick_free_port()
     doc = {**doc, "http": {"listen": f"127.0.0.1:{http}"}}
     config = tmp_path / "gateway.yaml"
@@ -237,6 +237,7 @@ def gateway_proc(tmp_path: Path, doc: dict[str, Any]) -> Proc:
         tmp_path / "gateway.log",
     )
     proc.spawn()
+    procs.append(proc)  # killed by pid at the end even if it never becomes ready
 
     def ready() -> bool:
         if not proc.running():
@@ -256,8 +257,7 @@ async def test_last_will_says_offline_when_the_gateway_is_killed(
     broker = Mosquitto(tmp_path / "broker").start()
     procs.append(broker)
     async with Watcher(broker.port) as w:
-        gw = gateway_proc(tmp_path, config_doc(tmp_path, broker.port, pick_free_port()))
-        procs.append(gw)
+        gw = gateway_proc(tmp_path, config_doc(tmp_path, broker.port, pick_free_port()), procs)
         await w.wait(lambda: w.on("status")[-1:] == [b"online"], "online")
         gw.signal(signal.SIGKILL)  # no goodbye: the broker publishes the Last Will
         await w.wait(lambda: w.on("status")[-1:] == [b"offline"], "the Last Will", timeout=20)
