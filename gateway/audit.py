@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import sqlite3
-import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,8 +31,9 @@ from typing import Any, NamedTuple
 
 from gateway.config import Audit, Syslog
 from gateway.events import Event, PatientIds
-from gateway.secrets import read_secret, secret_path
+from gateway.secrets import read_secret
 from gateway.tasks import cancel_all
+from gateway.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,13 @@ class SyslogLink:
     def __init__(self, cfg: Syslog, config_dir: str) -> None:
         self.scheme = cfg.url.split("://", 1)[0]
         self.host, self.port = cfg.endpoint
-        self.tls = _tls_context(cfg, config_dir) if self.scheme == "tls" else None
+        self.tls = (
+            TlsSettings(
+                ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file
+            ).client_context(config_dir, where="audit.syslog")
+            if self.scheme == "tls"
+            else None
+        )
         self._udp: socket.socket | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -373,17 +379,6 @@ class SyslogLink:
             self._writer = self._reader = None
 
 
-def _tls_context(cfg: Syslog, config_dir: str) -> ssl.SSLContext:
-    ca = secret_path(cfg.ca_file, config_dir) if cfg.ca_file else None
-    ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cfg.cert_file and cfg.key_file:
-        ctx.load_cert_chain(
-            secret_path(cfg.cert_file, config_dir), secret_path(cfg.key_file, config_dir)
-        )
-    return ctx
-
-
 # -- the component ----------------------------------------------------------------------
 
 
@@ -404,7 +399,7 @@ class AuditLog:
         self.connected = False
         self.dropped = 0
         self.written_seq = 0
-        self._pending: list[Row] = []  # from the bus, not yet in the file
+        self._pending: list[Event] = []  # from the bus, not yet in the file
         self.sent_seq = 0  # syslog_sent_seq as last stored
         self._wake = asyncio.Event()  # new records in the file
         self._progress = asyncio.Event()  # syslog_sent_seq moved
@@ -421,7 +416,7 @@ class AuditLog:
                 if self.dropped == 1 or self.dropped % 1000 == 0:
                     log.error("audit.queue_full dropped=%d", self.dropped)
                 return
-            self._pending.append(row_for(event, self.patient_ids, self.salt))
+            self._pending.append(event)  # formatted in the flush, off the listeners' path
         except Exception:
             log.exception("audit.record_failed event=%s", event.event)
 
@@ -454,12 +449,21 @@ class AuditLog:
             await self.link.close()
         self.store.close()
 
+    def _store(self, events: list[Event]) -> int:  # in a worker thread
+        rows = []
+        for event in events:
+            try:
+                rows.append(row_for(event, self.patient_ids, self.salt))
+            except Exception:  # one odd event must not stop the trail
+                log.exception("audit.record_failed event=%s", event.event)
+        return self.store.append(rows)
+
     async def _flush(self) -> None:
         if not self._pending:
             return
         rows, self._pending = self._pending, []
         try:
-            self.written_seq = await asyncio.to_thread(self.store.append, rows)
+            self.written_seq = await asyncio.to_thread(self._store, rows)
         except sqlite3.Error:
             self._pending[:0] = rows  # kept for the next try, still bounded by queue_max
             log.exception("audit.write_failed records=%d", len(rows))

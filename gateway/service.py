@@ -186,8 +186,7 @@ class Gateway:
                     self.cfg.mqtt,
                     self.cfg.site.id,
                     self.cfg.state_dir,
-                    lambda: self.health()[1]["destinations"],
-                    {lcfg.id: lcfg.type for lcfg in self.cfg.listeners},
+                    lambda: status_doc(self),
                     config_dir=ctx.config_dir,
                 )
                 self.events.subscribe(telemetry.on_event)

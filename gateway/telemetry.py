@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import sqlite3
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +33,9 @@ import aiomqtt
 from gateway import __version__
 from gateway.config import Mqtt
 from gateway.events import Event, PatientIds
-from gateway.secrets import read_secret, secret_path
+from gateway.secrets import read_secret
 from gateway.tasks import cancel_all
+from gateway.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ FLUSH_S = 0.2  # events reach the outbox file within this
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 60.0
 PUBLISH_BATCH = 200
 
-StateFn = Callable[[], dict[str, dict[str, Any]]]  # destination id -> its state document
+StateFn = Callable[[], dict[str, Any]]  # the /api/status document (gateway/status.py)
 
 
 class Outbox:
@@ -99,28 +99,14 @@ class Telemetry:
         cfg: Mqtt,
         site_id: str,
         state_dir: Path,
-        destinations: StateFn,
-        listeners: dict[str, str],
+        state: StateFn,
         *,
         config_dir: str = "",
     ) -> None:
         self.cfg = cfg
         self.site_id = site_id
         self.prefix = cfg.topic_prefix.rstrip("/")
-        self.destinations = destinations
-        # listener id -> its state, kept from the events it emits (no polling of listeners)
-        self.listeners: dict[str, dict[str, Any]] = {
-            lid: {
-                "type": ltype,
-                "state": "listening",
-                "received": 0,
-                "rejected": 0,
-                "last_message_at": None,
-                "last_error": None,
-                "last_error_at": None,
-            }
-            for lid, ltype in listeners.items()
-        }
+        self.state = state
         self.config_dir = config_dir
         self.patient_ids: PatientIds = cfg.patient_ids  # type: ignore[assignment]
         self.salt = (
@@ -129,14 +115,20 @@ class Telemetry:
             else site_id
         )
         self.username, self.password = self._credentials()
-        self.tls_context = self._tls_context() if cfg.tls else None
+        self.tls_context = (
+            TlsSettings(
+                ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file
+            ).client_context(config_dir, where="mqtt")
+            if cfg.tls
+            else None
+        )
         self.outbox = Outbox(state_dir / "telemetry.sqlite", cfg.buffer_max)
         self.wanted = set(cfg.events) if cfg.events is not None else None
         self.started_at = time.time()
         self.connected = False
         self.published = 0
         self.last_error = ""  # why the broker connection last failed (status, tests)
-        self._pending: list[tuple[str, bytes]] = []  # from the bus, not yet in the outbox
+        self._pending: list[Event] = []  # from the bus, not yet in the outbox
         self._wake = asyncio.Event()
         self._last_state: dict[str, bytes] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -152,39 +144,32 @@ class Telemetry:
             password = read_secret(self.cfg.password_file, self.config_dir, what="mqtt password")
         return user, password
 
-    def _tls_context(self) -> ssl.SSLContext:
-        ca = secret_path(self.cfg.ca_file, self.config_dir) if self.cfg.ca_file else None
-        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.cfg.cert_file and self.cfg.key_file:
-            ctx.load_cert_chain(
-                secret_path(self.cfg.cert_file, self.config_dir),
-                secret_path(self.cfg.key_file, self.config_dir),
-            )
-        return ctx
-
     # -- the bus side (never blocks) -------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
-        self._track(event)
+        """Only queues: formatting and the file write happen in the flush, off the
+        listeners' path (an event is emitted before the listener acknowledges)."""
         if self.wanted is not None and event.event not in self.wanted:
             return
+        if len(self._pending) >= self.cfg.buffer_max:  # the outbox file is stalled
+            self.outbox.dropped += 1
+            return
+        self._pending.append(event)
+
+    def _message(self, event: Event) -> tuple[str, bytes]:
         doc = event.as_dict(self.patient_ids, self.salt)
         doc["site"] = self.site_id
         payload = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-        self._pending.append((f"{self.prefix}/events/{event.event}", payload))
+        return f"{self.prefix}/events/{event.event}", payload
 
-    def _track(self, event: Event) -> None:
-        state = self.listeners.get(event.source)
-        if state is None:
-            return
-        if event.event == "message.received":
-            state["received"] += 1
-            state["last_message_at"] = _iso(event.at)
-        elif event.event == "message.quarantined":
-            state["rejected"] += 1
-            state["last_error"] = str(event.detail.get("reason", ""))[:200]
-            state["last_error_at"] = _iso(event.at)
+    def _store(self, events: list[Event]) -> None:  # in a worker thread
+        messages = []
+        for event in events:
+            try:
+                messages.append(self._message(event))
+            except Exception:  # one odd event must not stop telemetry
+                log.exception("telemetry.event_failed event=%s", event.event)
+        self.outbox.add(messages)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -203,11 +188,11 @@ class Telemetry:
     async def _flush(self) -> None:
         if not self._pending:
             return
-        rows, self._pending = self._pending, []
+        events, self._pending = self._pending, []
         try:
-            await asyncio.to_thread(self.outbox.add, rows)
+            await asyncio.to_thread(self._store, events)
         except sqlite3.Error:
-            log.exception("telemetry.outbox_failed events=%d", len(rows))
+            log.exception("telemetry.outbox_failed events=%d", len(events))
             return
         self._wake.set()
 
@@ -291,17 +276,18 @@ class Telemetry:
                 self.published += 1
 
     async def _publish_state(self, client: aiomqtt.Client) -> None:
+        status = self.state()
         snapshot: dict[str, dict[str, Any]] = {
-            "listeners": self.listeners,
-            "destinations": self.destinations(),
-            "telemetry": {
-                "mqtt": {
-                    "buffered": self.outbox.count() + len(self._pending),
-                    "dropped": self.outbox.dropped,
-                    "published": self.published,
-                    "last_error": self.last_error or None,
-                }
-            },
+            group: {item["id"]: item for item in status[group]}
+            for group in ("listeners", "destinations")
+        }
+        snapshot["telemetry"] = {
+            "mqtt": {
+                "buffered": self.outbox.count() + len(self._pending),
+                "dropped": self.outbox.dropped,
+                "published": self.published,
+                "last_error": self.last_error or None,
+            }
         }
         for group, items in snapshot.items():
             for item_id, doc in items.items():
