@@ -20,12 +20,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import io
-import ipaddress
 import logging
 import socket
 import socketserver
 import ssl
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from pydicom.uid import (
@@ -57,6 +56,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom.headers import part10_prefix
+from gateway.allowlist import Network, address_allowed
 from gateway.config import Endpoint, parse_endpoint
 
 log = logging.getLogger(__name__)
@@ -178,34 +178,6 @@ NODELAY_HANDLER: tuple[Any, Callable[[Event], None]] = (evt.EVT_CONN_OPEN, _on_c
 """Bind on requestor associations (``ae.associate(..., evt_handlers=[NODELAY_HANDLER])``):
 pynetdicom 3.0.4 has no socket option setting; the handler runs after ``connect()``
 and before the A-ASSOCIATE-RQ is written."""
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:
-    """``10.0.0.5``, ``10.1.0.0/16``, ``fd00::/8`` -> networks (ValueError names the bad one)."""
-    out = []
-    for item in items:
-        try:
-            out.append(ipaddress.ip_network(item.strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"not an IP address or CIDR network: {item!r}") from None
-    return tuple(out)
-
-
-def address_allowed(host: str, networks: Sequence[Network]) -> bool:
-    """True when ``networks`` is empty or one of them holds ``host`` (IPv4-mapped IPv6
-    addresses count as their IPv4 address)."""
-    if not networks:
-        return True
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
 
 
 class AssociationServer(ThreadedAssociationServer):

@@ -57,13 +57,13 @@ from dicom.net import (
     UNCOMPRESSED,
     AssociationServer,
     check_ae_title,
-    parse_networks,
     received_file,
     run_in_loop,
     storage_contexts,
     verification_context,
 )
 from dicom.studies import Instance, StudyTracker
+from gateway.allowlist import parse_networks
 from gateway.config import EndpointField, ListenerBase
 from gateway.envelope import Envelope
 from gateway.errors import DiskFullError, JournalError

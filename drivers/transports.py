@@ -41,6 +41,7 @@ from typing import Any, Literal, Protocol
 import serial
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from gateway.allowlist import address_allowed, parse_networks
 from gateway.config import Endpoint, EndpointField, Frozen, parse_endpoint
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ class TransportSettings(Frozen):
     ``socket://host:port`` URL; the line settings use pyserial's names and values
     and are allowed only with a device path. ``baudrate`` may be any positive rate
     the adapter supports, not only the standard list. ``max_connections`` bounds
-    the analyzers served at once with ``tcp_listen``. ``write_timeout_s`` bounds a
+    the analyzers served at once with ``tcp_listen``, ``allowed_ips`` who may connect
+    there (addresses or CIDR networks; empty: anyone). ``write_timeout_s`` bounds a
     write (plus, on a serial port, the time the bytes take on the wire).
     """
 
@@ -106,6 +108,7 @@ class TransportSettings(Frozen):
     rtscts: bool = False
     xonxoff: bool = False
     max_connections: int = Field(default=4, ge=1)
+    allowed_ips: tuple[str, ...] = ()
     reconnect_initial_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0, validate_default=True)
     write_timeout_s: float = Field(default=10.0, gt=0)
@@ -183,6 +186,14 @@ class TransportSettings(Frozen):
     def _only_listen(cls, value: int, info: ValidationInfo) -> int:
         if info.data.get("tcp_listen", _NOT_VALID) is None:
             raise ValueError("only allowed with tcp_listen")
+        return value
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if value and info.data.get("tcp_listen", _NOT_VALID) is None:
+            raise ValueError("only allowed with tcp_listen")
+        parse_networks(value)
         return value
 
     @field_validator("reconnect_max_s")
@@ -585,6 +596,7 @@ class Transport:
         self._drain_timeout_s = drain_timeout_s
         self._rng = random.Random()
         self._server: asyncio.Server | None = None
+        self._networks = parse_networks(settings.allowed_ips)
         self._lines: set[_AnyLine] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -741,6 +753,12 @@ class Transport:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         peer = str(Endpoint(peername[0], peername[1])) if peername else "?"
+        if not address_allowed(peername[0] if peername else "", self._networks):
+            log.warning(
+                "transport.refused name=%s peer=%s reason=address not allowed", self.name, peer
+            )
+            writer.transport.abort()
+            return
         if self._stopping.is_set() or len(self._lines) >= self.settings.max_connections:
             log.warning(
                 "transport.refused name=%s peer=%s connections=%d",

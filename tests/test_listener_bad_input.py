@@ -8,6 +8,7 @@ asyncio stream, so nothing here relies on the project's own MLLP code to talk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import parse_config
-from gateway.errors import DiskFullError, JournalError
+from gateway.errors import ConfigError, DiskFullError, JournalError
 from gateway.registry import default_registry
 from gateway.service import Gateway
 
@@ -515,3 +516,49 @@ async def test_queue_list_quarantine_shows_rejected_input(tmp_path: Path) -> Non
     assert "message does not start with an MSH" in body[1]
     assert "cannot decode as utf-8" in body[0]  # newest first
     assert all(" his " in line and "127.0.0.1:" in line for line in body)
+
+
+# -- who may connect, and the record of each connection -------------------------------------
+
+
+def session_rows(r: Running) -> list[tuple[str, dict[str, object]]]:
+    with sqlite3.connect(f"file:{r.state / 'journal.sqlite'}?mode=ro", uri=True) as c:
+        rows = c.execute("SELECT peer, details FROM sessions WHERE source = 'his' ORDER BY id")
+        return [(p, json.loads(d)) for p, d in rows]
+
+
+async def test_peer_outside_allowed_ips_is_closed_unanswered_and_recorded(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, listener=", allowed_ips: [10.20.0.0/16]") as r:
+        reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+        writer.write(VT + hl7("NOT-ALLOWED") + FS + CR)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no ACK
+        writer.close()
+        await until(lambda: len(session_rows(r)) == 1, what="the refusal's session record")
+        ((peer_addr, details),) = session_rows(r)
+        assert peer_addr.startswith("127.0.0.1:")
+        assert details == {"protocol": "hl7-mllp", "rejected": "address not allowed"}
+        assert r.count("envelopes") == 0 and r.count("quarantine") == 0
+
+
+async def test_allowed_peer_is_served_and_its_connection_recorded(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, listener=", allowed_ips: [10.0.0.1, 127.0.0.0/8]") as r:
+        async with peer(r.port) as p:
+            assert (await p.request(hl7("ALLOWED-1"))).code == b"AA"
+            assert (await p.request(hl7("ALLOWED-2"))).code == b"AA"
+        await until(lambda: len(session_rows(r)) == 1, what="the connection's session record")
+        ((_, details),) = session_rows(r)
+        assert details == {"protocol": "hl7-mllp", "messages": 2, "tls": False}
+
+
+def test_allowed_ips_must_be_addresses_or_networks(tmp_path: Path) -> None:
+    text = (
+        "site: {id: t}\nstate_dir: " + str(tmp_path) + "\nlisteners:\n"
+        "  - {id: his, type: hl7-mllp, listen: 127.0.0.1:0, allowed_ips: [10.0.0.0/8, lab-pc]}\n"
+        "destinations: [{id: o, type: folder, path: " + str(tmp_path / "o") + "}]\n"
+        "routes: [{match: {source: his}, to: [o]}]\n"
+    )
+    with pytest.raises(ConfigError, match=r"listeners\[0\]\.allowed_ips.*'lab-pc'"):
+        parse_config(text, default_registry(), source="t.yaml")

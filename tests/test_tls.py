@@ -311,6 +311,7 @@ class Intake:
 
     def __init__(self) -> None:
         self.accepted: list[Envelope] = []
+        self.sessions: list[dict[str, Any]] = []
 
     async def accept(self, envelope: Envelope, destinations: list[str] | None = None) -> Accepted:
         self.accepted.append(envelope)
@@ -327,7 +328,7 @@ class Intake:
     async def record_session(
         self, source: str, peer: str, started_at: float, ended_at: float, details: dict[str, Any]
     ) -> None:
-        return None
+        self.sessions.append(details)
 
 
 @pytest.fixture
@@ -396,6 +397,15 @@ async def test_mllp_tls_client_gets_aa_and_plain_or_certless_clients_are_refused
     assert len(intake.accepted) == 1
     logged = [r for r in caplog.records if "TLS handshake failed" in r.getMessage()]
     assert len(logged) == 2, [r.getMessage() for r in caplog.records]
+    for _ in range(100):  # the served connection's record follows its close
+        if len(intake.sessions) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(str(s.get("rejected") or s.get("messages")) for s in intake.sessions) == [
+        "1",
+        "TLS handshake failed",
+        "TLS handshake failed",
+    ], intake.sessions
 
 
 async def test_mllp_destination_sends_over_tls(mllp_tls: tuple[int, Intake, Path]) -> None:

@@ -7,6 +7,7 @@ far pty, plain asyncio streams for TCP. Reconnect delays are a few tens of ms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -188,6 +189,14 @@ ONE_OF = "transport: give exactly one of serial, tcp_listen, tcp_connect"
         (
             "{tcp_connect: 10.0.0.8:5001, max_connections: 2}",
             "transport.max_connections: only allowed with tcp_listen",
+        ),
+        (
+            "{tcp_connect: 10.0.0.8:5001, allowed_ips: [10.0.0.0/8]}",
+            "transport.allowed_ips: only allowed with tcp_listen",
+        ),
+        (
+            "{tcp_listen: 0.0.0.0:5001, allowed_ips: [10.0.0.0/33]}",
+            "transport.allowed_ips: not an IP address or CIDR network: '10.0.0.0/33'",
         ),
         (
             "{tcp_listen: 0.0.0.0:5001, max_connections: 0}",
@@ -604,6 +613,32 @@ async def test_listen_refuses_connections_beyond_max_connections(
         assert await roundtrip(again, b"back") == b"back"
         for _, w in (conns[1], again):
             w.close()
+
+
+async def test_listen_closes_peers_outside_allowed_ips_before_the_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    handler = Echo()
+    async with Transport(
+        listen_settings(allowed_ips=("192.168.7.0/24",)), "analyzer", handler
+    ) as transport:
+        reader, writer = await client(transport.port)
+        writer.write(b"\x05")
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # closed, nothing answered
+        writer.close()
+        assert [r.getMessage() for r in logged(caplog, "transport.refused")] == [
+            f"transport.refused name=analyzer peer={writer.get_extra_info('sockname')[0]}:"
+            f"{writer.get_extra_info('sockname')[1]} reason=address not allowed"
+        ]
+        assert handler.lines == []
+    async with Transport(
+        listen_settings(allowed_ips=("192.168.7.0/24", "127.0.0.1")), "analyzer", handler
+    ) as transport:
+        conn = await client(transport.port)
+        assert await roundtrip(conn, b"ok") == b"ok"
+        conn[1].close()
 
 
 async def test_exit_closes_lines_then_cancels_handlers_that_do_not_return() -> None:

@@ -7,7 +7,10 @@ reply. Connections are persistent; replies go out in the order messages came.
 
 With a TLS context the port speaks TLS only: each connection's first step is the
 handshake (bounded by ``handshake_timeout_s``); a peer that fails it (plain MLLP,
-missing or untrusted client certificate) is logged once and closed.
+missing or untrusted client certificate) is logged once and closed. A peer
+outside ``allowed_ips`` is closed before a byte is read. Every connection, and
+every refusal, is recorded as a session in the journal (the audit trail's
+"who sent what").
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from drivers.hl7.mllp import (
     frame,
 )
 from drivers.hl7.settings import MllpListenerSettings
+from gateway.allowlist import address_allowed, parse_networks
 from gateway.envelope import Envelope, new_id
 from gateway.errors import DiskFullError, JournalError
 from gateway.interfaces import Intake
@@ -97,6 +101,7 @@ class MllpListener:
         self.tls_context = tls_context
         self._server: asyncio.Server | None = None
         self._conns: dict[int, _Connection] = {}
+        self._networks = parse_networks(cfg.allowed_ips)
         self._closing = False
         self.port = 0
 
@@ -137,6 +142,14 @@ class MllpListener:
         assert task is not None
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        started = time.time()
+        if not address_allowed(peername[0] if peername else "", self._networks):
+            log.warning(
+                "mllp.refused listener=%s peer=%s reason=address not allowed", self.id, peer
+            )
+            writer.transport.abort()
+            await self._record(peer, started, {"rejected": "address not allowed"})
+            return
         if self._closing or len(self._conns) >= self.cfg.max_connections:
             log.warning(
                 "mllp.refused listener=%s peer=%s connections=%d", self.id, peer, len(self._conns)
@@ -154,6 +167,7 @@ class MllpListener:
                     self._conns.pop(id(task), None)
                     writer.transport.abort()
             if not secured:
+                await self._record(peer, started, {"rejected": "TLS handshake failed"})
                 return
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -207,6 +221,18 @@ class MllpListener:
             log.info(
                 "mllp.disconnected listener=%s peer=%s messages=%d", self.id, peer, conn.messages
             )
+            await self._record(
+                peer, started, {"messages": conn.messages, "tls": bool(self.tls_context)}
+            )
+
+    async def _record(self, peer: str, started: float, details: dict[str, object]) -> None:
+        """The connection's session record (never raises: it is bookkeeping)."""
+        try:
+            await self.intake.record_session(
+                self.id, peer, started, time.time(), {"protocol": "hl7-mllp", **details}
+            )
+        except JournalError as err:  # bookkeeping: the connection itself went fine
+            log.warning("mllp.session_not_recorded listener=%s error=%r", self.id, err)
 
     async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> bool:
         """TLS server handshake on the accepted connection; False (logged) if it

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from drivers.lab.profiles import Profile, ProfileError, find_profile
+from gateway.allowlist import parse_networks
 from gateway.config import DestinationBase, EndpointField, ListenerBase
 from gateway.tls import TlsSettings
 
@@ -24,7 +25,8 @@ def _known_codec(value: str | None) -> str | None:
 class MllpListenerSettings(ListenerBase):
     """``encoding``: force one (else MSH-18 decides, else ``fallback_encoding``).
     ``profile``: an HL7 analyzer's profile (``medgw drivers list``): results become
-    ``lab-result`` envelopes and its host queries are answered from the lab orders."""
+    ``lab-result`` envelopes and its host queries are answered from the lab orders.
+    ``allowed_ips``: addresses or CIDR networks that may connect (empty: anyone)."""
 
     type: Literal["hl7-mllp"]
     listen: EndpointField
@@ -37,8 +39,15 @@ class MllpListenerSettings(ListenerBase):
     handshake_timeout_s: float = Field(default=10.0, gt=0)  # TLS only
     profile: Profile | None = None
     tls: TlsSettings | None = None  # set: TLS only on this port (docs/security.md)
+    allowed_ips: tuple[str, ...] = ()
 
     _codec = field_validator("encoding", "fallback_encoding")(_known_codec)
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_networks(value)
+        return value
 
     @property
     def forced_encoding(self) -> str | None:
