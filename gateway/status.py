@@ -88,16 +88,9 @@ def _listener_counts(gateway: Gateway) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _connections(listener: object) -> int | None:
-    """Open connections, for listeners that keep a set of them (MLLP, ASTM over TCP)."""
+    """Open connections, for listeners that count them (``connections``: MLLP, ASTM)."""
     conns = getattr(listener, "connections", None)
-    if conns is None:
-        conns = getattr(listener, "_conns", None)
-    if isinstance(conns, int):
-        return conns
-    try:
-        return len(conns)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+    return conns if isinstance(conns, int) else None
 
 
 def _destinations(

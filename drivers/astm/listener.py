@@ -31,6 +31,11 @@ class AstmListener:
         """The bound port of a ``tcp_listen`` transport (0 otherwise)."""
         return int(getattr(self.transport, "port", 0) or 0)
 
+    @property
+    def connections(self) -> int:
+        """Analyzer lines open now (for the status page)."""
+        return len(self.transport.status().peers)
+
     async def __aenter__(self) -> AstmListener:
         await self.transport.__aenter__()
         log.info(

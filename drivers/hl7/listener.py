@@ -105,6 +105,11 @@ class MllpListener:
         self._closing = False
         self.port = 0
 
+    @property
+    def connections(self) -> int:
+        """Connections open now (for the status page)."""
+        return len(self._conns)
+
     async def __aenter__(self) -> MllpListener:
         self._server = await asyncio.start_server(
             self._serve, self.cfg.listen.host, self.cfg.listen.port, limit=READ_SIZE
