@@ -155,7 +155,7 @@ class History:
     def rows(self, study_uid: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         sql = (
             "SELECT at, study_uid, sop_uid, model_id, model_version, status, reason, priority, "
-            "duration_ms, outputs, sent FROM inferences"
+            "duration_ms, inputs, outputs, sent FROM inferences"
         )
         args: tuple[Any, ...] = ()
         if study_uid:
@@ -174,12 +174,14 @@ class History:
             "reason",
             "priority",
             "duration_ms",
+            "inputs",
             "outputs",
             "sent",
         )
         out = []
         for row in found:
             item = dict(zip(keys, row, strict=True))
+            item["inputs"] = json.loads(item["inputs"])
             item["outputs"] = json.loads(item["outputs"])
             item["sent"] = json.loads(item["sent"])
             out.append(item)

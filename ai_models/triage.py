@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from ai_models import worker
 from ai_models.card import CardError, ModelCard, load_card, model_path
 from ai_models.history import History
+from ai_models.ingest import POLL_S, IngestWatch
 from ai_models.notify import build_priority_oru
 from ai_models.preprocess import prepare
 from ai_models.runtime import (
@@ -100,6 +101,8 @@ class TriageParams(BaseModel):
     # thread: in the gateway's process (tests, or a machine with cores to spare)
     isolation: Literal["process", "thread"] = "process"
     nice: int = Field(default=10, ge=0, le=19)
+    # ingest first: wait up to this long while other routes' messages arrive (0: never)
+    yield_to_ingest_s: float = Field(default=0.0, ge=0, le=3600)
     outputs: Outputs = Outputs()
     sending_app: str = "MEDGW"
     receiving_app: str = "RIS"
@@ -194,6 +197,10 @@ class TriageStep:
         self._procs: WorkerPool | None = None
         if params.isolation == "process":
             self._procs = worker_pool(ctx, params)
+        self._ingest: IngestWatch | None = None
+        if params.yield_to_ingest_s > 0 and ctx.events is not None and ctx.route:
+            self._ingest = IngestWatch(ctx.route)
+            ctx.events.subscribe(self._ingest.on_event)
 
     async def _remote(self, job: Callable[..., Any], *args: Any) -> Any:
         """Run a job in a worker process (bounded: busy beyond workers + queue)."""
@@ -239,6 +246,16 @@ class TriageStep:
             await asyncio.to_thread(self.history.record, status="skipped", reason=refusal, **record)
             log.info("ai.skipped model=%s envelope=%s reason=%s", card.id, envelope.id, refusal)
             return []
+        deferred = 0.0
+        if self._ingest is not None:  # the original is on its way already: only we wait
+            deferred = await self._ingest.wait_quiet(self.params.yield_to_ingest_s)
+            if deferred >= POLL_S:
+                log.info(
+                    "ai.deferred model=%s envelope=%s seconds=%.1f reason=ingest busy",
+                    card.id,
+                    envelope.id,
+                    deferred,
+                )
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         template = TriageResult(
@@ -298,7 +315,9 @@ class TriageStep:
         top = max((f.probability for f in findings if f.positive), default=0.0)
         score = RANK[result.priority] + top
         outputs = {f.label: f.probability for f in findings}
-        inputs = {**facts, "recipe": card.preprocessing.model_dump(mode="json")}
+        inputs: dict[str, Any] = {**facts, "recipe": card.preprocessing.model_dump(mode="json")}
+        if deferred >= POLL_S:
+            inputs["deferred_s"] = round(deferred, 1)
         done = {
             "priority": result.priority,
             "duration_ms": elapsed,

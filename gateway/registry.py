@@ -34,6 +34,7 @@ class PluginContext:
     services: dict[str, Any] = field(default_factory=dict)
     config_dir: str = ""  # folder of the config file (site analyzer profiles live beside it)
     events: Any = None  # gateway.events.EventBus: operational events (ai.flagged, ...)
+    route: str = ""  # for a route's steps: the route's destination name (``steps:<key>``)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -208,9 +209,14 @@ class Gateway:
                 )
             for i, route in enumerate(self.cfg.routes):
                 if route.steps:
+                    key = route_key(route, i)
+                    step_ctx = replace(ctx, route=key)
                     chain = StepChain(
-                        route_key(route, i),
-                        [self.registry.steps[s.name].factory(s.params, ctx) for s in route.steps],
+                        key,
+                        [
+                            self.registry.steps[s.name].factory(s.params, step_ctx)
+                            for s in route.steps
+                        ],
                         list(route.to),
                         self,
                         notify=list(route.notify),

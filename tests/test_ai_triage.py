@@ -33,12 +33,14 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import UID, generate_uid
 
 from ai_models.history import History
+from ai_models.ingest import QUIET_S, IngestWatch
 from ai_models.notify import build_priority_oru
 from ai_models.triage import TriageParams, TriageStep, control_id
 from dicom.headers import routing_headers
 from gateway.config import parse_config
 from gateway.envelope import Envelope, StoredEnvelope
 from gateway.errors import ConfigError
+from gateway.events import Event, EventBus
 from gateway.registry import PluginContext, default_registry
 from gateway.service import Gateway
 from gateway.steps import AnyEnvelope, StepChain
@@ -493,7 +495,7 @@ class Running:
 
 @asynccontextmanager
 async def gateway(
-    tmp_path: Path, cards: dict[str, Path], budget_s: float
+    tmp_path: Path, cards: dict[str, Path], budget_s: float, step_params: str = ""
 ) -> AsyncIterator[Running]:
     """The gateway in-process: chest images through ai-triage to a folder PACS, its
     notifications to a folder RIS, ai.flagged events to a third folder."""
@@ -509,7 +511,8 @@ async def gateway(
         f"routes:\n"
         f"  - id: triage\n"
         f"    match: {{kind: dicom, modality: [CR, DX]}}\n"
-        f"    steps: [{{ai-triage: {{models: [{', '.join(cards)}], budget_s: {budget_s}}}}}]\n"
+        f"    steps: [{{ai-triage: {{models: [{', '.join(cards)}], budget_s: {budget_s}"
+        f"{step_params}}}}}]\n"
         f"    to: [pacs]\n    notify: [ris]\n"
         f"  - {{match: {{kind: event, event: ai.flagged}}, to: [events]}}\n"
     )
@@ -764,3 +767,83 @@ def test_a_history_file_without_the_envelope_column_is_upgraded(tmp_path: Path) 
     assert history.keep_best("S1", "cxr", 1.7, b'{"n": 2}', "e1")
     assert history.best("S1", "cxr") == (1.7, b'{"n": 2}')
     history.close()
+
+
+# -- ingest first -----------------------------------------------------------------------------
+
+
+def received(bus: EventBus, to: list[str], kind: str = "dicom") -> None:
+    bus.emit("message.received", source="modalities", kind=kind, detail={"to": to})
+
+
+async def test_triage_waits_while_other_routes_receive_then_runs(tmp_path: Path) -> None:
+    """A CT series arriving for another route defers the chest image's triage (never
+    the image itself: the chain has forwarded it); the wait is recorded."""
+    bus = EventBus()
+    context = PluginContext("site-a", str(tmp_path / "state"), None, events=bus, route="steps:cxr")
+    cards = {"cxr": card_for(tmp_path, "cxr", URGENT)}
+    params = TriageParams.model_validate(
+        {"models": ["cxr"], "isolation": "thread", "yield_to_ingest_s": 5},
+        context={"models": cards},
+    )
+    step = TriageStep(params, context)
+    try:
+        received(bus, ["steps:cxr"])  # chest images for this very route: no reason to wait
+        received(bus, [], kind="event")  # a study's "complete" notice is not traffic
+        started = time.monotonic()
+        await step.run(dicom_envelope(chest(153, "1.2.826.0.1.3680043.10.1437.91")))
+        assert time.monotonic() - started < QUIET_S
+        assert "deferred_s" not in step.history.rows()[0]["inputs"]
+
+        async def ct_series() -> None:  # another route's images, one every 0.3 s for 1.5 s
+            for _ in range(6):
+                received(bus, ["pacs"])
+                await asyncio.sleep(0.3)
+
+        feeding = asyncio.create_task(ct_series())
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        out = await step.run(dicom_envelope(chest(153, "1.2.826.0.1.3680043.10.1437.92")))
+        waited = time.monotonic() - started
+        await feeding
+        assert kinds(out) == ["dicom", "sr", "hl7", "event"]  # then it ran in full
+        assert waited >= 1.5 + QUIET_S - 0.35  # until a quiet second after the series
+        assert step.history.rows()[0]["inputs"]["deferred_s"] >= 1.5
+    finally:
+        for runtime in step.models:
+            runtime.close()
+
+
+async def test_the_wait_for_quiet_ingest_is_bounded() -> None:
+    now = [100.0]
+    watch = IngestWatch("steps:cxr", clock=lambda: now[0])
+    watch.on_event(Event("message.received", at=0, kind="hl7", detail={"to": ["lis"]}))
+    assert watch.busy()
+    now[0] += QUIET_S + 0.01
+    assert not watch.busy()
+    assert await watch.wait_quiet(10) == 0
+    real = IngestWatch("steps:cxr")
+    real.on_event(Event("message.received", at=0, kind="dicom", detail={"to": ["pacs"]}))
+    started = time.monotonic()
+    for _ in range(4):  # traffic that never stops: the wait ends at its limit
+        waited = await real.wait_quiet(0.2)
+        real.on_event(Event("message.received", at=0, kind="dicom", detail={"to": ["pacs"]}))
+    assert 0.2 <= waited < 0.5
+    assert time.monotonic() - started < 4 * 0.5
+
+
+async def test_the_gateway_tells_the_step_its_route_and_other_traffic_defers_it(
+    tmp_path: Path,
+) -> None:
+    card = card_for(tmp_path, "cxr", URGENT)
+    params = ", isolation: thread, yield_to_ingest_s: 5"
+    async with gateway(tmp_path, {"cxr": card}, 30, params) as site:
+        chain = site.gw.pumps["steps:triage"].destination
+        (step,) = chain.steps
+        assert step._ingest is not None and step._ingest.own_route == "steps:triage"
+        ct = dicom_envelope(sample("CT_small.dcm"))  # no route takes it: still traffic
+        await site.gw.accept(ct)
+        await site.gw.accept(dicom_envelope(sample("RG1_UNCR.dcm")))
+        (row,) = await eventually(step.history.rows, 30, "the triage record")
+    assert row["status"] == "done"
+    assert QUIET_S - 0.3 <= row["inputs"]["deferred_s"] <= 5
