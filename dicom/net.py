@@ -53,7 +53,7 @@ from pynetdicom import (
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from dicom.headers import part10_prefix
 from gateway.allowlist import Network, address_allowed
@@ -70,6 +70,31 @@ MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"  # PS3.4 annex K.6.1
 # at INFO unless told not to (STYLE.md rule 9: no patient data above DEBUG).
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` with one ``recv_into`` per kernel read instead of a
+    4 kB ``recv()`` plus a copy per call: a 1 MiB P-DATA PDU is read in a handful of
+    calls instead of 256. Same contract as pynetdicom 3.0.4's: blocks until
+    ``nr_bytes`` are read, returns what it has when the peer closes, lets socket
+    errors (timeouts included) propagate. The bench's discard ceiling on radiographs
+    went from 109-116 to 138-154 images/s with it (bench/README.md, dicom.py)."""
+    sock = self.socket
+    assert sock is not None
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    got = 0
+    while got < nr_bytes:
+        n = sock.recv_into(view[got:], nr_bytes - got)
+        if not n:
+            del view
+            del buf[got:]
+            return buf
+        got += n
+    return buf
+
+
+AssociationSocket.recv = _recv_exactly  # type: ignore[method-assign]  # pinned 3.0.4
 
 DEFAULT_MAX_PDU = 1024 * 1024
 """Maximum PDU medgw receives (bytes; 0 = no limit). Measured on the 2-core test

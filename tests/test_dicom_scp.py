@@ -575,3 +575,31 @@ def test_listener_settings_are_validated_with_their_paths() -> None:
             "  - {id: m, type: dicom-scp, ae_title: A, listen: 0.0.0.0:104, max_pdu: 100}\n",
             default_registry(),
         )
+
+
+def test_pdu_reads_take_exactly_the_length_asked_and_stop_at_a_close() -> None:
+    """The patched ``AssociationSocket.recv`` (dicom.net): whole PDUs from many small
+    writes, nothing of the next PDU, and what there is when the peer closes."""
+    from pynetdicom.transport import AssociationSocket  # noqa: PLC0415
+
+    import dicom.net  # noqa: F401, PLC0415 - installs the patch
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        asock = AssociationSocket.__new__(AssociationSocket)
+        asock.socket = ours
+        payload = bytes(range(256)) * 8192  # 2 MiB: more than any socket buffer
+        sender = threading.Thread(
+            target=lambda: [
+                theirs.sendall(payload[i : min(i + 3000, len(payload) - 10)])
+                for i in range(0, len(payload) - 10, 3000)
+            ]
+        )
+        sender.start()
+        assert asock.recv(1024 * 1024) == payload[: 1024 * 1024]
+        assert asock.recv(1024 * 1024 - 10) == payload[1024 * 1024 : -10]
+        sender.join()
+        theirs.sendall(payload[-10:-5])
+        theirs.shutdown(socket.SHUT_WR)
+        assert asock.recv(100) == payload[-10:-5]  # closed after 5 of 100 bytes
+        assert asock.recv(6) == b""
