@@ -100,9 +100,9 @@ class TriageParams(BaseModel):
     # process: decode/infer/SR in worker processes at a lower CPU priority (ingest first);
     # thread: in the gateway's process (tests, or a machine with cores to spare)
     isolation: Literal["process", "thread"] = "process"
-    nice: int = Field(default=10, ge=0, le=19)
+    nice: int = Field(default=19, ge=0, le=19)  # 19: the least CPU while ingest needs it
     # ingest first: wait up to this long while other routes' messages arrive (0: never)
-    yield_to_ingest_s: float = Field(default=0.0, ge=0, le=3600)
+    yield_to_ingest_s: float = Field(default=30.0, ge=0, le=3600)
     outputs: Outputs = Outputs()
     sending_app: str = "MEDGW"
     receiving_app: str = "RIS"
