@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import io
 import logging
+import select
 import socket
 import socketserver
 import ssl
@@ -52,6 +53,7 @@ from pynetdicom import (
 )
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
@@ -95,6 +97,28 @@ def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
 
 
 AssociationSocket.recv = _recv_exactly  # type: ignore[method-assign]  # pinned 3.0.4
+
+_decode_associate_rq = A_ASSOCIATE_RQ.decode
+
+
+def _decode_checked(self: A_ASSOCIATE_RQ, bytestream: bytes) -> None:
+    """``A_ASSOCIATE_RQ.decode``, then the checks pynetdicom 3.0.4 makes too late.
+
+    An even presentation context id (PS3.8 9.3.2.2: odd, 1-255) makes its FSM's AE-6
+    raise in the reactor thread, which dies with the request unanswered and holds
+    one of ``maximum_associations`` until the network timeout; a context without a
+    transfer syntax sub-item (PS3.8 9.3.2.2.1: one or more) kills the acceptor
+    thread the same way. Raised here, inside the decode, pynetdicom treats them as
+    an invalid PDU (Evt19): A-ABORT, connection closed, nothing held. Found by
+    tests/test_fuzz.py."""
+    _decode_associate_rq(self, bytestream)
+    primitive = self.to_primitive()  # ValueError for an even context id
+    for context in primitive.presentation_context_definition_list:
+        if not context.transfer_syntax:
+            raise ValueError(f"presentation context {context.context_id} has no transfer syntax")
+
+
+A_ASSOCIATE_RQ.decode = _decode_checked  # type: ignore[method-assign, assignment]
 
 DEFAULT_MAX_PDU = 1024 * 1024
 """Maximum PDU medgw receives (bytes; 0 = no limit). Measured on the 2-core test
@@ -262,7 +286,34 @@ class AssociationServer(ThreadedAssociationServer):
             if wrapped is None:
                 return
             request = wrapped
+        if isinstance(request, socket.socket) and not self._peer_speaks(request):
+            with contextlib.suppress(OSError):
+                request.close()
+            return
         super().process_request_thread(request, client_address)
+
+    def _peer_speaks(self, sock: socket.socket) -> bool:
+        """Wait (in this connection's own thread) for the peer's first byte.
+
+        pynetdicom 3.0 counts a connection against ``maximum_associations`` from the
+        moment it is accepted, and keeps one whose peer closed before sending its
+        A-ASSOCIATE-RQ until the ACSE timeout: a port scan or a TCP health check
+        would make the SCP refuse every modality meanwhile (found by
+        tests/test_fuzz.py). A peer that closes, or stays silent for the ACSE
+        timeout, is closed here and never becomes an association.
+        """
+        timeout = float(getattr(self.ae, "acse_timeout", None) or 30.0)
+        try:
+            if isinstance(sock, ssl.SSLSocket):  # no MSG_PEEK through TLS
+                readable, _, _ = select.select([sock], [], [], timeout)
+                return bool(readable) or sock.pending() > 0
+            sock.settimeout(timeout)
+            return sock.recv(1, socket.MSG_PEEK) != b""
+        except OSError:  # reset, or silent until the timeout
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
 
     def _handshake(self, sock: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
         assert self.tls_context is not None

@@ -440,7 +440,7 @@ def _typed_sections(
             problems.append(_problem(loc, "must be a mapping with 'id' and 'type'", lines))
             continue
         type_ = item.get("type")
-        if type_ not in kinds:
+        if not isinstance(type_, str) or type_ not in kinds:
             known = ", ".join(sorted(kinds)) or "none installed"
             problems.append(
                 _problem((*loc, "type"), f"unknown type {type_!r} (known: {known})", lines)

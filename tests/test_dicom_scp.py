@@ -603,3 +603,24 @@ def test_pdu_reads_take_exactly_the_length_asked_and_stop_at_a_close() -> None:
         theirs.shutdown(socket.SHUT_WR)
         assert asock.recv(100) == payload[-10:-5]  # closed after 5 of 100 bytes
         assert asock.recv(6) == b""
+
+
+async def test_silent_and_closed_connections_hold_no_association_slot(tmp_path: Path) -> None:
+    """Health checks and port scans (connect, then close or say nothing) must not
+    use up ``maximum_associations``: a modality still gets in (found by test_fuzz)."""
+    need_dcmtk("echoscu")
+    settings = ", maximum_associations: 2, acse_timeout_s: 20"
+    async with running_gateway(tmp_path, settings) as gw:
+        silent = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(3)]
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", gw.port)).close()
+        await asyncio.sleep(0.3)
+        try:
+            for _ in range(2):
+                result = await asyncio.to_thread(
+                    run_tool, ["echoscu", "-aec", "MEDGW", "127.0.0.1", str(gw.port)]
+                )
+                assert result.returncode == 0, result.stdout + result.stderr
+        finally:
+            for sock in silent:
+                sock.close()
