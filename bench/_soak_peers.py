@@ -24,6 +24,7 @@ import socket
 import subprocess
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +69,7 @@ class Tally:
             self.failures[why] += 1
 
 
-class Sender(threading.Thread):
+class Sender(threading.Thread, ABC):
     """Offers items ``0, 1, 2 ...`` at ``rate_per_s`` until :meth:`stop`; each until accepted."""
 
     def __init__(self, tally: Tally, rate_per_s: float) -> None:
@@ -104,15 +105,17 @@ class Sender(threading.Thread):
         finally:
             self.disconnect()
 
+    @abstractmethod
     def make(self, n: int) -> tuple[str, bytes]:
-        raise NotImplementedError
+        """Item ``n``: its id and the bytes whose sha256 the receiver's copy must have."""
 
+    @abstractmethod
     def offer(self, item_id: str, data: bytes) -> str | None:
         """Send one item; None when accepted, otherwise why not."""
-        raise NotImplementedError
 
+    @abstractmethod
     def disconnect(self) -> None:
-        raise NotImplementedError
+        """Drop the connection (the next offer makes a new one)."""
 
 
 # -- MLLP ------------------------------------------------------------------------------
