@@ -273,7 +273,9 @@ def msa(reply: bytes) -> tuple[bytes, bytes]:
     """(MSA-1 ack code, MSA-2 control id) of an ACK; fails on anything else."""
     segments = [s for s in reply.split(CR) if s]
     assert segments and segments[0].startswith(b"MSH"), f"reply without MSH: {reply!r}"
-    found = [s.split(b"|") for s in segments if s.startswith(b"MSA|")]
+    sep = segments[0][3:4]  # an ACK answers in the message's own delimiters (MSH-1)
+    assert sep, f"reply without a field separator: {reply!r}"
+    found = [s.split(sep) for s in segments if s.startswith(b"MSA" + sep)]
     assert len(found) == 1, f"reply without one MSA: {reply!r}"
     fields = found[0]
     return fields[1], (fields[2] if len(fields) > 2 else b"")

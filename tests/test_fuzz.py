@@ -63,7 +63,7 @@ from fuzz_support import (
     send_quietly,
     wait_until,
 )
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydicom import dcmread
@@ -199,6 +199,9 @@ MLLP_PIECES = st.one_of(
     cuts=st.lists(st.integers(0, 1 << 16), max_size=6),
     hang_up=st.booleans(),
 )
+# found in CI: '^' as the field separator (and NUL as the component one) is answered in
+# kind, so the ACK's segments are split on the reply's own MSH-1
+@example(pieces=[("bad-msh", b"", mllp(b"MSH^\x00~\\&^^^^^^^0^0^^0\r"))], cuts=[], hang_up=False)
 def test_mllp_listener_survives_bad_streams_and_takes_every_valid_frame(
     mllp_bench: Bench,
     pieces: list[tuple[str, bytes, bytes]],
