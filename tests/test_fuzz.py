@@ -20,6 +20,7 @@ import functools
 import io
 import itertools
 import json
+import os
 import re
 import socket
 import struct
@@ -89,11 +90,27 @@ def sample(name: str) -> bytes:
     return path.read_bytes()
 
 
+EXPLORE = int(os.environ.get("MEDGW_FUZZ_EXPLORE", "0"))  # N: N times the examples, new ones
+
+
 def fuzz(examples: int) -> settings:
-    """Hypothesis settings for a test that talks to a running gateway."""
+    """Hypothesis settings for a test that talks to a running gateway.
+
+    The test command runs the same examples every time (``derandomize``: CI fails only
+    for a change in the code, never for a newly drawn input); ``MEDGW_FUZZ_EXPLORE=10``
+    draws new ones, ten times as many, to hunt for bugs.
+    """
+    if EXPLORE:
+        return settings(
+            max_examples=examples * EXPLORE,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        )
     return settings(
         max_examples=examples,
         deadline=None,
+        derandomize=True,
+        database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
 
