@@ -49,7 +49,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
-from dicom import cli
+from dicom import cli, spool
 from dicom.headers import HeaderError, routing_headers
 from dicom.net import (
     DEFAULT_MAX_PDU,
@@ -105,6 +105,7 @@ class ScpSettings(ListenerBase):
     accept_timeout_s: float = Field(default=30.0, gt=0)
     drain_timeout_s: float = Field(default=10.0, gt=0)
     study_quiet_s: float | None = Field(default=60.0, gt=0)
+    spool_from_kb: int = Field(default=spool.THRESHOLD // 1024, ge=0)  # 0 = off (dicom.spool)
     worklist: bool = False
     tls: TlsSettings | None = None  # set: TLS only on this port (docs/security.md)
 
@@ -215,6 +216,8 @@ class DicomScp:
         ae.dimse_timeout = self.cfg.dimse_timeout_s
         ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
         ae.require_called_aet = self.cfg.require_called_ae
+        if self.cfg.spool_from_kb:
+            spool.enable(ae, self.intake.spool_dir(), self.cfg.spool_from_kb * 1024)
         contexts = [verification_context(), *storage_contexts()]
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
@@ -380,6 +383,7 @@ class DicomScp:
         self._session(event.assoc).aborted = True
 
     def _on_conn_close(self, event: Event) -> None:
+        spool.abandon(event.assoc)  # a data set cut off mid-way: its spool file goes now
         self._finish(event.assoc)
 
     def _finish(self, assoc: Association) -> None:
@@ -456,6 +460,7 @@ class DicomScp:
             log.exception("dicom.store_failed listener=%s", self.id)
             return OUT_OF_RESOURCES
         finally:
+            spool.discard(event)  # a spool not committed into the journal: not kept
             with self._lock:
                 self._inflight -= 1
 
@@ -463,6 +468,7 @@ class DicomScp:
         assert self._loop is not None
         session = self._session(event.assoc)
         data = received_file(event)
+        written = spool.spooled(event, data)  # already on disk, or None
         timeout = self.cfg.accept_timeout_s
         try:
             headers = routing_headers(data)
@@ -485,7 +491,8 @@ class DicomScp:
             as_file=True,
         )
         try:
-            envelope = self.intake.stage(envelope)  # the file is written in this thread
+            # the file is written in this thread (or was, by the DUL thread, as it arrived)
+            envelope = self.intake.stage(envelope, written.commit if written else None)
             accepted = run_in_loop(self.intake.accept(envelope), self._loop, timeout)
         except (JournalError, TimeoutError) as err:
             session.errors += 1

@@ -7,8 +7,10 @@ deliver a stored envelope and return only once the peer confirmed it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.envelope import Envelope, StoredEnvelope
@@ -34,10 +36,16 @@ class Intake(Protocol):
         the commit (raises JournalError)."""
         ...
 
-    def stage(self, envelope: Envelope) -> Envelope:
+    def stage(self, envelope: Envelope, written: Callable[[Path], str] | None = None) -> Envelope:
         """Write a large body to the journal's blob folder now, from the caller's own
         thread (any thread); ``accept`` of the returned envelope then only commits.
-        Raises JournalError (DiskFullError below the disk watermark)."""
+        ``written``: the body is already in a file of :meth:`spool_dir` (see
+        ``Journal.stage``). Raises JournalError (DiskFullError below the disk
+        watermark)."""
+        ...
+
+    def spool_dir(self) -> Path:
+        """A folder on the blob store's filesystem for bodies written as they arrive."""
         ...
 
     async def quarantine(

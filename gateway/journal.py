@@ -564,20 +564,33 @@ class Journal:
                 (self.blob_dir / blob).unlink()
         return accepted
 
-    def stage(self, env: Envelope) -> Envelope:
+    @property
+    def spool_dir(self) -> Path:
+        """Where listeners may write a body while it arrives (hidden ``.*.tmp`` files,
+        removed at start), to hand it to :meth:`stage` as ``written``: on the blob
+        store's filesystem, so that staging it is a rename."""
+        return self.blob_dir / "spool"
+
+    def stage(self, env: Envelope, written: Callable[[Path], str] | None = None) -> Envelope:
         """Write ``env``'s body as a blob file now, from the calling thread, so that
         :meth:`accept` only has to commit. For listeners that already run in a
         thread of their own (DICOM associations): one thread hop less per message.
-        Thread-safe; raises JournalError (DiskFullError below the watermark)."""
+
+        ``written``: the body is already in a file of :attr:`spool_dir`; called with
+        the blob's path, it must make the file durable there and return its sha256
+        (dicom.spool.Spool.commit). Thread-safe; raises JournalError (DiskFullError
+        below the watermark)."""
         self._check_free_space()
         rel = f"{env.id[:4]}/{env.id}"
         try:
-            digest = self._write_blob(rel, env.body)
+            digest = self._write_blob(rel, env.body, written)
         except OSError as err:
             raise JournalError(f"cannot write blob: {err}") from err
         return replace(env, staged=StagedBlob(rel, digest))
 
-    def _write_blob(self, rel: str, data: bytes) -> str:
+    def _write_blob(
+        self, rel: str, data: bytes, written: Callable[[Path], str] | None = None
+    ) -> str:
         """Write a blob file (fsynced, renamed into place) and return its sha256.
 
         The folder's own fsync, which makes the rename durable, is left to the
@@ -587,13 +600,16 @@ class Journal:
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.blob_dir)
-        digest = hashlib.sha256(data).hexdigest()
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if written is not None:
+            digest = written(path)
+        else:
+            digest = hashlib.sha256(data).hexdigest()
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         with self._dirs_lock:
             self._unsynced_dirs.add(path.parent)
         return digest

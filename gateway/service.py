@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -119,8 +120,11 @@ class Gateway:
             **fields,
         )
 
-    def stage(self, envelope: Envelope) -> Envelope:
-        return self.journal.stage(envelope)
+    def stage(self, envelope: Envelope, written: Callable[[Path], str] | None = None) -> Envelope:
+        return self.journal.stage(envelope, written)
+
+    def spool_dir(self) -> Path:
+        return self.journal.spool_dir
 
     async def forward(self, seq: int, destinations: list[str]) -> None:
         """Deliver an envelope already journaled to more destinations (steps pass-through)."""
