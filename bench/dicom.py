@@ -75,6 +75,10 @@ RECEIVERS = {
     "gateway": "medgw durable receive",
     "ceiling": "pynetdicom discard ceiling",
 }
+OPTIONAL_RECEIVERS = {  # not in the default list: --receivers ...,gateway-nospool
+    "gateway-nospool": "medgw, spool_from_kb: 0",
+}
+LABELS = RECEIVERS | OPTIONAL_RECEIVERS
 
 
 FORWARDS = {
@@ -423,6 +427,7 @@ class GatewayRx(Receiver):
         forward_to: int = 0,
         workers: int = 1,
         wrap: tuple[str, ...] = (),
+        listener: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(work, name)
         self.http_port = _peers.free_port()
@@ -459,6 +464,7 @@ class GatewayRx(Receiver):
                     "type": "dicom-scp",
                     "ae_title": self.ae_title,
                     "listen": f"127.0.0.1:{self.port}",
+                    **(listener or {}),
                 }
             ],
             "destinations": [destination],
@@ -989,27 +995,40 @@ def make_receiver(key: str, work: Path, name: str, wrap: tuple[str, ...] = ()) -
         return OrthancRx(work, name)
     if key == "gateway":
         return GatewayRx(work, name, wrap=wrap)
+    if key == "gateway-nospool":  # the handler writes each file after its last PDU
+        return GatewayRx(work, name, wrap=wrap, listener={"spool_from_kb": 0})
     if key == "ceiling":
         return CeilingRx(work, name, wrap=wrap)
     raise ValueError(key)
 
 
 def receive_once(
-    key: str, fs: FileSet, senders: int, work: Path, name: str, *, wrap: tuple[str, ...] = ()
+    key: str,
+    fs: FileSet,
+    senders: int,
+    work: Path,
+    name: str,
+    *,
+    wrap: tuple[str, ...] = (),
+    spy: Path | None = None,
 ) -> dict[str, Any]:
     """A fresh receiver, the set sent to it, the count checked, the receiver stopped and
-    its storage synced and removed (outside the timed window)."""
+    its storage synced and removed (outside the timed window). ``spy``: py-spy samples
+    the receiver while the set is sent, into that file (raw, ``PySpy``)."""
     rx = make_receiver(key, work, name, wrap)
     try:
         with rx:
             out: dict[str, Any] = _peers.wait_quiet(_peers.quiet_wait_s)
             send = Senders(fs, rx.port, rx.ae_title, senders, rx.dir / "storescu.log")
+            sampler = PySpy(rx.pid, spy) if spy else None
             busy0, cpu0 = _peers.machine_busy(), proc_cpu_s(rx.pid)
             try:
                 send.start()
                 wall = send.wait(max(120.0, fs.files / 2))
             finally:
                 send.stop()
+                if sampler:
+                    sampler.stop()
             busy = _peers.machine_busy() - busy0
             cpu = proc_cpu_s(rx.pid) - cpu0
             sender_cpu = send.cpu_s()
@@ -1056,7 +1075,7 @@ def bench_receive(fs: FileSet, work: Path, keys: list[str], repeat: int) -> dict
                 r = receive_once(key, fs, senders, work, f"{fs.key}-{key}-{senders}-{rnd}")
                 runs[key][senders].append(r)
                 say(
-                    f"  round {rnd + 1} {RECEIVERS[key]:<28} {senders} sender(s): "
+                    f"  round {rnd + 1} {LABELS[key]:<28} {senders} sender(s): "
                     f"{r['images_per_s']:7.1f} img/s {r['mb_per_s']:7.1f} MB/s"
                     + (
                         f"  receiver {r['receiver_cores']:.2f} cores"
@@ -1226,6 +1245,98 @@ def bench_profile(fs: FileSet, work: Path, out_dir: Path) -> dict[str, Any]:
     return res
 
 
+PY_SPY = shutil.which("py-spy", path=f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+class PySpy:
+    """``py-spy record`` attached to a running receiver: samples every thread's Python
+    stack 100 times a second from outside the process (no instrumentation), keeping
+    only samples where the thread is running, not waiting (py-spy's idle filter);
+    stopped with SIGINT, it writes collapsed stacks (``--format raw``)."""
+
+    RATE = 100
+
+    def __init__(self, pid: int, out: Path) -> None:
+        if PY_SPY is None:
+            raise SystemExit("--py-spy needs py-spy (in requirements-dev.lock: make venv)")
+        self.out = out
+        out.unlink(missing_ok=True)
+        argv = [PY_SPY, "record", "--pid", str(pid), "--rate", str(self.RATE)]
+        argv += ["--format", "raw", "--output", str(out), "--threads", "--full-filenames"]
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        time.sleep(0.5)  # attached before the first image
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=60)
+        if not self.out.exists():
+            raise RuntimeError(f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}")
+
+
+def pyspy_summary(path: Path, images: int, n: int = 15) -> dict[str, Any]:
+    """Sampled running time per image, by thread, by code (the innermost Python frame's
+    package, ``_group``) and by innermost function."""
+    threads: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = frames[0].split(": ", 1)[-1]  # "thread (TID): NAME"
+        role = thread.rstrip("0123456789-_@:. ").split("@")[0] or "?"
+        threads[role] = threads.get(role, 0) + int(count)
+        if len(frames) > 1:  # the innermost Python frame: "FUNCTION (FILE:LINE)"
+            func, _, where = frames[-1].rpartition(" (")
+            file = where.rstrip(")").rsplit(":", 1)[0]
+            group, key = _group(file, func), f"{func} ({'/'.join(Path(file).parts[-2:])})"
+        else:  # a thread sampled outside any Python frame
+            group = key = "(no Python frame)"
+        groups[group] = groups.get(group, 0) + int(count)
+        leaves[key] = leaves.get(key, 0) + int(count)
+    total = sum(threads.values()) or 1
+
+    def table(d: dict[str, int], limit: int) -> list[dict[str, Any]]:
+        rows = sorted(d.items(), key=lambda kv: -kv[1])[:limit]
+        return [
+            {"name": k, "share": v / total, "ms_per_image": v / PySpy.RATE / images * 1e3}
+            for k, v in rows
+        ]
+
+    return {
+        "file": str(path.relative_to(REPO)),
+        "samples": total,
+        "running_ms_per_image": total / PySpy.RATE / images * 1e3,
+        "threads": table(threads, 10),
+        "groups": table(groups, n),
+        "top": table(leaves, n),
+    }
+
+
+def bench_pyspy(fs: FileSet, work: Path, out_dir: Path) -> dict[str, Any]:
+    """The gateway and the ceiling receiving the set from 1 sender, sampled by py-spy."""
+    res = {}
+    for key in ("gateway", "ceiling"):
+        spy = out_dir / f"dicom-pyspy-{key}-{fs.key}.txt"
+        r = receive_once(key, fs, 1, work, f"pyspy-{key}-{fs.key}", spy=spy)
+        res[key] = {"images_per_s": r["images_per_s"]} | pyspy_summary(spy, fs.files)
+    return res
+
+
+def print_pyspy(key: str, p: dict[str, Any]) -> None:
+    say(
+        f"  {RECEIVERS[key]} sampled by py-spy: {p['images_per_s']:.1f} img/s, "
+        f"threads running {p['running_ms_per_image']:.2f} ms per image in all ({p['file']})"
+    )
+    for title, rows in (("by thread", "threads"), ("by code", "groups"), ("by function", "top")):
+        say(f"    {title}:")
+        for r in p[rows]:
+            say(f"      {r['ms_per_image']:7.2f} ms/img {r['share']:6.1%}  {r['name']}")
+
+
 def print_profile(key: str, p: dict[str, Any], groups: int = 12, top: int = 15) -> None:
     say(
         f"  {RECEIVERS[key]} under the profiler: {p['images_per_s']:.1f} img/s, "
@@ -1266,7 +1377,7 @@ def summarize(res: dict[str, Any]) -> list[str]:
                 f"  {'':<28} {'img/s':>8} {'MB/s':>8} {'img/s':>8} {'MB/s':>8} {'':>6} "
                 f"{'(1 snd)':>9} {'ms/img':>10}"
             )
-        for k, label in RECEIVERS.items():
+        for k, label in LABELS.items():
             if k not in rec:
                 continue
             one, four = rec[k]["1"], rec[k]["4"]
@@ -1284,6 +1395,7 @@ def summarize(res: dict[str, Any]) -> list[str]:
                 ("orthanc", TARGET_VS_ORTHANC, "gateway ÷ Orthanc"),
                 ("ceiling", TARGET_VS_CEILING, "gateway ÷ pynetdicom ceiling"),
                 ("storescp", 0.0, "gateway ÷ DCMTK storescp"),
+                ("gateway-nospool", 0.0, "gateway ÷ itself, spool off"),
             ):
                 if other not in rec:
                     continue
@@ -1426,6 +1538,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-receive", action="store_true", help="skip section 1")
     p.add_argument("--forward-rounds", type=int, help="rounds of section 2 (default 2)")
     p.add_argument("--no-profile", action="store_true", help="skip the profiled runs")
+    p.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="add section 3c: gateway and ceiling sampled by py-spy while receiving",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument(
         "--wait-quiet",
@@ -1510,6 +1627,13 @@ def main(argv: list[str] | None = None) -> int:
                 rounds = args.forward_rounds or max(1, min(repeat, 2))
                 res["forward"][fs.key] = bench_forward(fs, work, rounds, workers)
 
+        if args.py_spy:
+            res["pyspy"] = {}
+            for fs in sets.values():
+                say(f"\n3c. where the running time goes (set {fs.key}, 1 sender, py-spy)")
+                res["pyspy"][fs.key] = spied = bench_pyspy(fs, work, out_dir)
+                for key in ("gateway", "ceiling"):
+                    print_pyspy(key, spied[key])
         if not args.no_profile and "gateway" in keys:
             say("\n3a. where the wall time of a C-STORE goes (step timers in the receiver)")
             res["timings"] = bench_timings(sets, work)
