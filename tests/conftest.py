@@ -1,4 +1,4 @@
-"""Shared fixtures: free loopback ports, a state folder, and cleanup of subprocesses."""
+"""Shared fixtures: free loopback ports, a state folder, subprocess cleanup, chunked sends."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from peers.gateway_proc import Proc, pick_free_port
+from pynetdicom import _config
 
 
 @pytest.fixture
@@ -40,3 +41,12 @@ def procs() -> Iterator[list[Proc]]:
         if proc.running():
             proc.kill()
         print(f"{proc.name} log: {proc.log}")  # shown with a failing test's report
+
+
+@pytest.fixture
+def chunked_send() -> Iterator[None]:
+    """Let pynetdicom send files as stored (no decode), like ``medgw dicom send``."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = before

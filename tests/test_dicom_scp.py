@@ -44,7 +44,7 @@ from dicom_peers import (
 )
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
-from pynetdicom import AE, _config, build_context
+from pynetdicom import AE, build_context
 
 from dicom import scp as scp_module
 from dicom.studies import Instance, StudyStore
@@ -78,15 +78,6 @@ class Scu:
     def store(self, path: Path) -> int:
         rsp = self.assoc.send_c_store(path)
         return int(rsp.Status)
-
-
-@pytest.fixture
-def chunked_send() -> Iterator[None]:
-    """Let pynetdicom send files as stored (no decode), like ``medgw dicom send``."""
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def corrupt_file(folder: Path) -> Path:

@@ -11,13 +11,12 @@ import asyncio
 import hashlib
 import socket
 import time
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
 import pytest
 from dicom_peers import eventually, file_info, running_gateway, sample_file
-from pynetdicom import AE, _config, build_context
+from pynetdicom import AE, build_context
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
@@ -28,15 +27,6 @@ from gateway.journal import Journal
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 RADIOGRAPH = "RG1_UNCR.dcm"  # 7 MB CR, explicit VR little endian
-
-
-@pytest.fixture
-def chunked_send() -> Iterator[None]:
-    """pynetdicom sends the file's data set bytes as stored."""
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 @pytest.fixture
