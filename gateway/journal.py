@@ -130,13 +130,19 @@ def write_durably(path: Path, data: bytes) -> None:
 
     The temp file is hidden (``.NAME.tmp``) so that whoever watches the folder
     (an outbox consumer) does not pick up a half-written file."""
+    replace_synced(path, data)
+    fsync_dir(path.parent)
+
+
+def replace_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to the hidden ``.NAME.tmp`` beside ``path``, fsync it, rename it
+    to ``path``; the folder's fsync (which makes the rename durable) is the caller's."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 _Op = Callable[[sqlite3.Connection], Any]
@@ -604,12 +610,7 @@ class Journal:
             digest = written(path)
         else:
             digest = hashlib.sha256(data).hexdigest()
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            replace_synced(path, data)
         with self._dirs_lock:
             self._unsynced_dirs.add(path.parent)
         return digest
