@@ -194,15 +194,25 @@ def received_file(event: Event) -> bytes:
     if not isinstance(request, C_STORE) or not isinstance(dataset, io.BytesIO):
         data: bytes = event.encoded_dataset(include_meta=True)
         return data
-    prefix = part10_prefix(
-        str(request.AffectedSOPClassUID),
-        str(request.AffectedSOPInstanceUID),
-        str(event.context.transfer_syntax),
-        PYNETDICOM_IMPLEMENTATION_UID,
-        PYNETDICOM_IMPLEMENTATION_VERSION,
+    prefix = received_prefix(
+        request.AffectedSOPClassUID,
+        request.AffectedSOPInstanceUID,
+        event.context.transfer_syntax,
     )
     with dataset.getbuffer() as view:
         return b"".join((prefix, view))
+
+
+def received_prefix(sop_class: Any, sop_instance: Any, transfer_syntax: Any) -> bytes:
+    """What :func:`received_file` puts before a C-STORE's data set (also written first
+    by :mod:`dicom.spool`): preamble and the file meta pynetdicom would build."""
+    return part10_prefix(
+        str(sop_class),
+        str(sop_instance),
+        str(transfer_syntax),
+        PYNETDICOM_IMPLEMENTATION_UID,
+        PYNETDICOM_IMPLEMENTATION_VERSION,
+    )
 
 
 # -- sockets -------------------------------------------------------------------------------

@@ -37,11 +37,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.events import Event
 
-from dicom.headers import part10_prefix
+from dicom.net import received_prefix
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +162,8 @@ def abandon(assoc: Any) -> None:
 def _prefix(message: C_STORE_RQ, assoc: Any) -> bytes:
     command = message.command_set
     context = assoc._accepted_cx[message.context_id]
-    return part10_prefix(
-        str(command.AffectedSOPClassUID),
-        str(command.AffectedSOPInstanceUID),
-        str(context.transfer_syntax[0]),
-        PYNETDICOM_IMPLEMENTATION_UID,
-        PYNETDICOM_IMPLEMENTATION_VERSION,
+    return received_prefix(
+        command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, context.transfer_syntax[0]
     )
 
 
